@@ -1,0 +1,118 @@
+"""Named dependencies: the lifespan's shared objects, the settings, and parsed callback bodies."""
+
+from typing import Annotated, Any, TypedDict, TypeVar
+
+import httpx
+from fastapi import Depends, Request
+from pydantic import BaseModel, ValidationError
+
+from config import Settings, get_settings
+from repositories.job_journal import JobJournal
+from repositories.oauth_state_store import OAuthStateStore
+from repositories.token_store import TokenStore
+from schemas import IframeInstall, InstallEvent, RobotCall, UninstallEvent, parse_php_form
+from services.bitrix_client import BitrixClient
+from services.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from services.processing import ProcessingService
+from services.worker import JobWorker
+
+MAX_BODY_BYTES = 1024 * 1024
+FORM_TYPE = "application/x-www-form-urlencoded"
+Model = TypeVar("Model", bound=BaseModel)
+
+
+class AppState(TypedDict):
+    """What the lifespan builds once and every request shares."""
+
+    http: httpx.AsyncClient
+    tokens: TokenStore
+    bitrix: BitrixClient
+    journal: JobJournal
+    states: OAuthStateStore
+    worker: JobWorker
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+async def get_token_store(request: Request) -> TokenStore:
+    return request.state.tokens  # type: ignore[no-any-return]
+
+
+async def get_bitrix_client(request: Request) -> BitrixClient:
+    return request.state.bitrix  # type: ignore[no-any-return]
+
+
+TokenStoreDep = Annotated[TokenStore, Depends(get_token_store)]
+BitrixClientDep = Annotated[BitrixClient, Depends(get_bitrix_client)]
+
+
+async def get_processing_service(
+    request: Request, settings: SettingsDep, tokens: TokenStoreDep, bitrix: BitrixClientDep
+) -> ProcessingService:
+    state = request.state
+    return ProcessingService(settings, tokens, bitrix, state.journal, state.states, state.worker.wake)
+
+
+ProcessingServiceDep = Annotated[ProcessingService, Depends(get_processing_service)]
+
+
+async def read_form(request: Request) -> dict[str, Any]:
+    """The body as Bitrix24 sends it (form-encoded, PHP bracket keys), at most 1 MB."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != FORM_TYPE:
+        shown = content_type or "no content type"
+        raise UnsupportedMediaType(f"Expected {FORM_TYPE}, as Bitrix24 sends it; got {shown}.")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise PayloadTooLarge("The body is larger than 1 MB.")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise PayloadTooLarge("The body is larger than 1 MB.")
+    return parse_php_form(bytes(body))
+
+
+FormDep = Annotated[dict[str, Any], Depends(read_form)]
+
+
+def validated(model: type[Model], data: dict[str, Any], what: str) -> Model:
+    """The data as `model`, or BadRequest naming the fields that are wrong."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc']) or 'body'}: {error['msg']}"
+            for error in exc.errors()[:5]
+        )
+        raise BadRequest(f"Not a valid {what}: {problems}") from exc
+
+
+async def robot_call_form(form: FormDep) -> RobotCall:
+    if "event_token" not in form:
+        raise BadRequest("Not a robot call: the body has no event_token.")
+    return validated(RobotCall, form, "robot call")
+
+
+async def install_form(request: Request, form: FormDep) -> InstallEvent | IframeInstall:
+    if "event" in form:
+        return validated(InstallEvent, form, "ONAPPINSTALL event")
+    if "AUTH_ID" in form:
+        # The frame install puts DOMAIN and PROTOCOL in the query string, the tokens in the body.
+        query = {
+            key: request.query_params[key] for key in ("DOMAIN", "PROTOCOL") if key in request.query_params
+        }
+        return validated(IframeInstall, {**form, **query}, "install request")
+    raise BadRequest(
+        "Not an install request: expected an ONAPPINSTALL event or the portal's install page POST."
+    )
+
+
+async def uninstall_form(form: FormDep) -> UninstallEvent:
+    return validated(UninstallEvent, form, "ONAPPUNINSTALL event")
+
+
+RobotCallDep = Annotated[RobotCall, Depends(robot_call_form)]
+InstallDep = Annotated[InstallEvent | IframeInstall, Depends(install_form)]
+UninstallDep = Annotated[UninstallEvent, Depends(uninstall_form)]

@@ -1,0 +1,187 @@
+"""App factory: lifespan (shared client, stores, job worker), logging, error mapping."""
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from config import Settings, get_settings
+from dependencies import AppState
+from repositories.job_journal import SqliteJobJournal
+from repositories.oauth_state_store import SqliteOAuthStateStore
+from repositories.token_store import JsonTokenStore, TokenStoreError
+from router import router
+from services import pages
+from services.bitrix_client import BitrixClient, BitrixError
+from services.errors import AppError, ErrorCode
+from services.observability import configure_logging, register_secret, request_id_var
+from services.rate_limit import PortalRateLimiter
+from services.retry import RetryPolicy
+from services.worker import JobWorker
+
+logger = logging.getLogger(__name__)
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def _settings(app: FastAPI) -> Settings:
+    # The lifespan cannot use Depends; honour a test's override of get_settings all the same.
+    provider = app.dependency_overrides.get(get_settings, get_settings)
+    settings: Settings = provider()
+    return settings
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
+    """Build the shared HTTP client, stores and job worker; close them on shutdown."""
+    settings = _settings(app)
+    register_secret(*settings.secret_values())
+    _report_settings(settings)
+    timeout = httpx.Timeout(settings.http_timeout_seconds, connect=5.0)
+    async with httpx.AsyncClient(
+        timeout=timeout, headers={"User-Agent": "bitrix24-contact-robot/1.0"}
+    ) as http:
+        tokens = JsonTokenStore(settings.token_file)
+        await _remember_stored_secrets(tokens)
+        journal = SqliteJobJournal(settings.job_db_file)
+        states = SqliteOAuthStateStore(settings.job_db_file)
+        policy = RetryPolicy()
+        limiter = PortalRateLimiter(settings.rate_limit_burst, settings.rate_limit_per_second)
+        bitrix = BitrixClient(http, tokens, settings, limiter, policy)
+        worker = JobWorker(journal, bitrix, settings, policy)
+        task = asyncio.create_task(worker.run(), name="job-worker")
+        try:
+            yield AppState(
+                http=http, tokens=tokens, bitrix=bitrix, journal=journal, states=states, worker=worker
+            )
+        finally:
+            task.cancel()
+            with suppress(asyncio.CancelledError):
+                await task
+            await journal.close()
+            await states.close()
+            logger.info("Shut down")
+
+
+def _report_settings(settings: Settings) -> None:
+    missing = settings.missing()
+    if missing:
+        logger.warning(
+            "Settings missing: %s. /health works, but installs and robot calls are refused until you set "
+            "them in .env (see .env.example) and restart.",
+            ", ".join(missing),
+        )
+    logger.info(
+        "Robot handler %s; portal %s; token file %s; job journal %s",
+        settings.robot_handler_url,
+        settings.bitrix_portal_url or "any Bitrix24 cloud portal",
+        settings.token_file,
+        settings.job_db_file,
+    )
+
+
+async def _remember_stored_secrets(tokens: JsonTokenStore) -> None:
+    try:
+        for record in await tokens.list():
+            register_secret(record.access_token, record.refresh_token, record.application_token)
+    except TokenStoreError as exc:
+        logger.error("%s", exc)
+
+
+class RequestContextMiddleware:
+    """Gives every request an id (also in the `X-Request-ID` reply header) and logs its outcome."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex[:12]
+        token = request_id_var.set(request_id)
+        started, status = time.perf_counter(), 0
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            elapsed = (time.perf_counter() - started) * 1000
+            logger.info("%s %s -> %d in %.1f ms", scope["method"], scope["path"], status, elapsed)
+            request_id_var.reset(token)
+
+
+def _wants_html(request: Request) -> bool:
+    return "text/html" in request.headers.get("accept", "")
+
+
+def _error_response(request: Request, status: int, code: str, detail: str) -> Response:
+    if _wants_html(request):
+        return HTMLResponse(pages.message_page("Request refused", detail, ok=False), status_code=status)
+    return JSONResponse({"error": code, "detail": detail}, status_code=status)
+
+
+def register_exception_handlers(app: FastAPI) -> None:
+    """The one place where errors become HTTP replies `{"error": code, "detail": text}`."""
+
+    async def app_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, AppError)
+        logger.warning("Refused %s %s: %s (%s)", request.method, request.url.path, exc.message, exc.code)
+        return _error_response(request, exc.status_code, exc.code, exc.message)
+
+    async def validation_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
+        return _error_response(request, 400, ErrorCode.BAD_REQUEST, detail)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        return _error_response(request, exc.status_code, "http_error", str(exc.detail))
+
+    async def upstream_error(request: Request, exc: Exception) -> Response:
+        logger.error("Bitrix24 failure on %s: %s", request.url.path, exc)
+        return _error_response(request, 502, ErrorCode.UPSTREAM_UNAVAILABLE, str(exc))
+
+    async def storage_error(request: Request, exc: Exception) -> Response:
+        logger.error("%s", exc)
+        return _error_response(request, 503, ErrorCode.STORAGE_ERROR, str(exc))
+
+    handlers: dict[Any, Any] = {
+        AppError: app_error,
+        RequestValidationError: validation_error,
+        StarletteHTTPException: http_error,
+        BitrixError: upstream_error,
+        TokenStoreError: storage_error,
+    }
+    for exc_class, handler in handlers.items():
+        app.add_exception_handler(exc_class, handler)
+
+
+def create_app() -> FastAPI:
+    """The FastAPI app, with routes, error handlers and request logging."""
+    configure_logging(get_settings().log_level)
+    app = FastAPI(title="Bitrix24 contact robot", version="1.0.0", lifespan=lifespan)
+    app.include_router(router)
+    register_exception_handlers(app)
+    app.add_middleware(RequestContextMiddleware)
+    return app
+
+
+app = create_app()

@@ -1,0 +1,279 @@
+"""The durable job journal: every robot call the app has acknowledged, until its workflow is answered.
+
+A job moves `add` (create the contact) → `send` (answer the workflow) → `done`; or ends `abandoned`
+(the workflow is gone) or `failed` (the retry budget ran out). `SqliteJobJournal` is the embedded
+default: the standard library's sqlite3 in WAL mode, so a `kill -9` loses no committed job, and
+several worker processes can share the file. Workers claim jobs with a lease; a job whose lease
+expired (its worker died) is claimed again.
+"""
+
+import asyncio
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from schemas import QueueStats, RobotRun
+
+JobState = Literal["add", "send", "done", "failed", "abandoned"]
+TERMINAL: tuple[JobState, ...] = ("done", "failed", "abandoned")
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """An accepted robot call, as the worker needs it later."""
+
+    event_token: str
+    member_id: str
+    workflow_id: str
+    document_id: str
+    deadline: float
+    contact: dict[str, Any] | None  # CRM fields; None when the data was rejected
+    error: str = ""
+    # The call's own token and endpoint: a last way to answer the workflow if ours are dead.
+    client_endpoint: str = ""
+    call_access_token: str = ""
+
+
+@dataclass(frozen=True)
+class Job(NewJob):
+    id: int = 0
+    state: JobState = "add"
+    contact_id: int = 0
+    attempts: int = 0
+    add_attempted: bool = False
+    created_at: float = field(default_factory=time.time)
+
+
+class JobJournal(Protocol):
+    async def add(self, job: NewJob) -> tuple[int, bool]:
+        """Store a job; returns (id, created). A known `event_token` is not stored twice."""
+        ...
+
+    async def claim(self, limit: int, lease_seconds: float) -> list[Job]: ...
+
+    async def mark_add_attempted(self, ids: Sequence[int]) -> None: ...
+
+    async def to_send(self, job_id: int, contact_id: int, error: str) -> None: ...
+
+    async def retry_later(self, job_id: int, delay: float, error: str) -> None: ...
+
+    async def finish(self, job_id: int, state: JobState, error: str = "") -> None: ...
+
+    async def next_due(self) -> float | None: ...
+
+    async def stats(self) -> QueueStats: ...
+
+    async def recent(self, limit: int) -> list[RobotRun]: ...
+
+    async def close(self) -> None: ...
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_token TEXT NOT NULL UNIQUE,
+    member_id TEXT NOT NULL,
+    workflow_id TEXT NOT NULL,
+    document_id TEXT NOT NULL,
+    contact TEXT,
+    error TEXT NOT NULL DEFAULT '',
+    client_endpoint TEXT NOT NULL DEFAULT '',
+    call_access_token TEXT NOT NULL DEFAULT '',
+    state TEXT NOT NULL,
+    contact_id INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    add_attempted INTEGER NOT NULL DEFAULT 0,
+    deadline REAL NOT NULL,
+    next_attempt_at REAL NOT NULL,
+    lease_until REAL NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_due ON jobs (state, next_attempt_at);
+"""
+
+
+class SqliteJobJournal:
+    """`JobJournal` on an embedded SQLite file."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.row_factory = sqlite3.Row
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode: a committed job survives the process dying (kill -9); only a
+            # power cut may take the last commits, a trade the acknowledgement rate needs.
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+
+    async def add(self, job: NewJob) -> tuple[int, bool]:
+        return await asyncio.to_thread(self._add, job)
+
+    def _add(self, job: NewJob) -> tuple[int, bool]:
+        now = time.time()
+        state: JobState = "add" if job.contact is not None else "send"
+        row = (
+            job.event_token,
+            job.member_id,
+            job.workflow_id,
+            job.document_id,
+            json.dumps(job.contact) if job.contact is not None else None,
+            job.error,
+            job.client_endpoint,
+            job.call_access_token,
+            state,
+            job.deadline,
+            now,
+            now,
+            now,
+        )
+        with self._lock:
+            cursor = self._db.execute(
+                "INSERT INTO jobs (event_token, member_id, workflow_id, document_id, contact, error,"
+                " client_endpoint, call_access_token, state, deadline, next_attempt_at, created_at,"
+                " updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(event_token) DO NOTHING",
+                row,
+            )
+            if cursor.rowcount:
+                return int(cursor.lastrowid or 0), True
+            found = self._db.execute(
+                "SELECT id FROM jobs WHERE event_token = ?", (job.event_token,)
+            ).fetchone()
+            return int(found["id"]), False
+
+    async def claim(self, limit: int, lease_seconds: float) -> list[Job]:
+        return await asyncio.to_thread(self._claim, limit, lease_seconds)
+
+    def _claim(self, limit: int, lease_seconds: float) -> list[Job]:
+        now = time.time()
+        with self._lock:
+            rows = self._db.execute(
+                "UPDATE jobs SET lease_until = ? WHERE id IN (SELECT id FROM jobs WHERE state IN"
+                " ('add', 'send') AND next_attempt_at <= ? AND lease_until <= ? ORDER BY id LIMIT ?)"
+                " RETURNING *",
+                (now + lease_seconds, now, now, limit),
+            ).fetchall()
+        return sorted((_job(row) for row in rows), key=lambda job: job.id)
+
+    async def mark_add_attempted(self, ids: Sequence[int]) -> None:
+        await self._execute_many("UPDATE jobs SET add_attempted = 1, updated_at = ? WHERE id = ?", ids)
+
+    async def to_send(self, job_id: int, contact_id: int, error: str) -> None:
+        await self._execute(
+            "UPDATE jobs SET state = 'send', contact_id = ?, error = ?, attempts = 0, updated_at = ?"
+            " WHERE id = ?",
+            (contact_id, error, time.time(), job_id),
+        )
+
+    async def retry_later(self, job_id: int, delay: float, error: str) -> None:
+        now = time.time()
+        await self._execute(
+            "UPDATE jobs SET attempts = attempts + 1, next_attempt_at = ?, lease_until = 0,"
+            " updated_at = ?, error = CASE WHEN state = 'add' THEN ? ELSE error END WHERE id = ?",
+            (now + delay, now, error, job_id),
+        )
+
+    async def finish(self, job_id: int, state: JobState, error: str = "") -> None:
+        await self._execute(
+            "UPDATE jobs SET state = ?, lease_until = 0, call_access_token = '', updated_at = ?,"
+            " error = CASE WHEN ? = '' THEN error ELSE ? END WHERE id = ?",
+            (state, time.time(), error, error, job_id),
+        )
+
+    async def next_due(self) -> float | None:
+        row = await self._fetchone(
+            "SELECT MIN(MAX(next_attempt_at, lease_until)) AS due FROM jobs WHERE state IN ('add', 'send')",
+            (),
+        )
+        return float(row["due"]) if row and row["due"] is not None else None
+
+    async def stats(self) -> QueueStats:
+        return await asyncio.to_thread(self._stats)
+
+    def _stats(self) -> QueueStats:
+        with self._lock:
+            counts = dict(self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
+            oldest = self._db.execute(
+                "SELECT MIN(created_at) FROM jobs WHERE state IN ('add', 'send')"
+            ).fetchone()[0]
+        return QueueStats(
+            pending=counts.get("add", 0) + counts.get("send", 0),
+            oldest_pending_age_seconds=round(time.time() - oldest, 3) if oldest else None,
+            done=counts.get("done", 0),
+            failed=counts.get("failed", 0),
+            abandoned=counts.get("abandoned", 0),
+        )
+
+    async def recent(self, limit: int) -> list[RobotRun]:
+        rows = await asyncio.to_thread(
+            self._fetchall, "SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,)
+        )
+        return [
+            RobotRun(
+                job_id=row["id"],
+                member_id=row["member_id"],
+                workflow_id=row["workflow_id"],
+                state=row["state"],
+                contact_id=row["contact_id"],
+                error=row["error"],
+                created_at=row["created_at"],
+            )
+            for row in rows
+        ]
+
+    async def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    async def _execute(self, sql: str, params: tuple[Any, ...]) -> None:
+        await asyncio.to_thread(self._run, sql, params)
+
+    async def _execute_many(self, sql: str, ids: Sequence[int]) -> None:
+        now = time.time()
+        await asyncio.to_thread(self._run_many, sql, [(now, job_id) for job_id in ids])
+
+    def _run(self, sql: str, params: tuple[Any, ...]) -> None:
+        with self._lock:
+            self._db.execute(sql, params)
+
+    def _run_many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.executemany(sql, rows)
+            self._db.execute("COMMIT")
+
+    def _fetchall(self, sql: str, params: tuple[Any, ...]) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
+    async def _fetchone(self, sql: str, params: tuple[Any, ...]) -> sqlite3.Row | None:
+        rows = await asyncio.to_thread(self._fetchall, sql, params)
+        return rows[0] if rows else None
+
+
+def _job(row: sqlite3.Row) -> Job:
+    return Job(
+        id=row["id"],
+        event_token=row["event_token"],
+        member_id=row["member_id"],
+        workflow_id=row["workflow_id"],
+        document_id=row["document_id"],
+        contact=json.loads(row["contact"]) if row["contact"] else None,
+        error=row["error"],
+        client_endpoint=row["client_endpoint"],
+        call_access_token=row["call_access_token"],
+        state=row["state"],
+        contact_id=row["contact_id"],
+        attempts=row["attempts"],
+        add_attempted=bool(row["add_attempted"]),
+        deadline=row["deadline"],
+        created_at=row["created_at"],
+    )

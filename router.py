@@ -1,0 +1,90 @@
+"""HTTP routes: parse (via dependencies), call one service method, answer."""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Cookie
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+
+from dependencies import InstallDep, ProcessingServiceDep, RobotCallDep, SettingsDep, UninstallDep
+from schemas import Health, InstallEvent, RobotAck
+from services import pages
+
+router = APIRouter()
+NONCE_COOKIE = "b24_oauth_nonce"
+NonceCookie = Annotated[str | None, Cookie(alias=NONCE_COOKIE)]
+
+
+@router.post("/install", response_model=None)
+async def install(payload: InstallDep, service: ProcessingServiceDep) -> Response:
+    """Install the app on a portal: store its tokens, register the robot."""
+    if isinstance(payload, InstallEvent):
+        record = await service.install_from_event(payload)
+        return JSONResponse({"status": "installed", "member_id": record.member_id, "domain": record.domain})
+    record = await service.install_from_frame(payload)
+    return HTMLResponse(pages.install_finish_page(record.domain))
+
+
+@router.get("/oauth/login")
+async def oauth_login(
+    service: ProcessingServiceDep, settings: SettingsDep, domain: str | None = None
+) -> RedirectResponse:
+    """Start the OAuth authorization-code grant at the portal."""
+    redirect = await service.start_login(domain)
+    response = RedirectResponse(redirect.url, status_code=302)
+    secure = settings.app_base_url.startswith("https://")
+    response.set_cookie(
+        NONCE_COOKIE, redirect.browser_nonce, max_age=600, httponly=True, samesite="lax", secure=secure
+    )
+    return response
+
+
+@router.get("/oauth/callback")
+async def oauth_callback(
+    service: ProcessingServiceDep,
+    nonce: NonceCookie = None,
+    code: str | None = None,
+    state: str | None = None,
+) -> HTMLResponse:
+    """OAuth redirect target: check state, exchange the code, store the tokens."""
+    record = await service.finish_login(code, state, nonce)
+    response = HTMLResponse(pages.message_page("Authorized", f"The app is connected to {record.domain}."))
+    response.delete_cookie(NONCE_COOKIE)
+    return response
+
+
+@router.get("/app")
+async def app_page(
+    service: ProcessingServiceDep,
+    nonce: NonceCookie = None,
+    code: str | None = None,
+    state: str | None = None,
+) -> HTMLResponse:
+    """The app's handler path: the OAuth callback when `code` is present, else the status page."""
+    if code is not None or state is not None:
+        return await oauth_callback(service, nonce, code, state)
+    return HTMLResponse(pages.status_page(await service.health(), await service.recent_runs()))
+
+
+@router.post("/app")
+async def app_frame(service: ProcessingServiceDep) -> HTMLResponse:
+    """The app opened inside the portal: its status page."""
+    return HTMLResponse(pages.status_page(await service.health(), await service.recent_runs()))
+
+
+@router.post("/robot")
+async def robot(call: RobotCallDep, service: ProcessingServiceDep) -> RobotAck:
+    """The robot handler: acknowledge at once; the contact and the answer follow from the queue."""
+    return await service.accept_robot_call(call)
+
+
+@router.post("/uninstall")
+async def uninstall(event: UninstallDep, service: ProcessingServiceDep) -> dict[str, str]:
+    """ONAPPUNINSTALL: forget the portal's tokens."""
+    await service.uninstall(event)
+    return {"status": "uninstalled"}
+
+
+@router.get("/health")
+async def health(service: ProcessingServiceDep) -> Health:
+    """Liveness, whether a portal is connected, and the queue."""
+    return await service.health()

@@ -1,0 +1,248 @@
+"""Wire models: the portal's form-encoded callbacks, OAuth replies, stored records and API replies.
+
+Bitrix24 posts `application/x-www-form-urlencoded` bodies with PHP bracket keys
+(`auth[member_id]`, `document_id[2]`, `properties[phone]`); `parse_php_form` rebuilds the nesting
+once, and the models below validate the result.
+"""
+
+import re
+import time
+from typing import Any, Literal
+from urllib.parse import parse_qsl
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+_KEY = re.compile(r"^([^\[\]]+)((?:\[[^\[\]]*\])*)$")
+_SEGMENT = re.compile(r"\[([^\[\]]*)\]")
+MEMBER_ID = r"^[0-9A-Za-z_-]{1,64}$"
+
+
+def parse_php_form(body: bytes | str) -> dict[str, Any]:
+    """Rebuild nested dicts and lists from a PHP-style form body (`a[b][0]=c`)."""
+    text = body.decode("utf-8", errors="replace") if isinstance(body, bytes) else body
+    root: dict[str, Any] = {}
+    for key, value in parse_qsl(text, keep_blank_values=True):
+        _assign(root, _key_path(key), value)
+    result: dict[str, Any] = _listify(root)
+    return result
+
+
+def _key_path(key: str) -> list[str]:
+    match = _KEY.match(key)
+    if not match:
+        return [key]
+    return [match.group(1), *_SEGMENT.findall(match.group(2))]
+
+
+def _assign(node: dict[str, Any], path: list[str], value: str) -> None:
+    for part in path[:-1]:
+        # PHP's `a[]=x` appends: the next free numeric key.
+        key = part or str(len(node))
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = {}
+            node[key] = child
+        node = child
+    node[path[-1] or str(len(node))] = value
+
+
+def _listify(node: Any) -> Any:
+    """A dict whose keys are exactly 0..n-1 becomes a list, as PHP arrays do."""
+    if not isinstance(node, dict):
+        return node
+    items = {key: _listify(value) for key, value in node.items()}
+    if items and sorted(items) == sorted(str(i) for i in range(len(items))):
+        return [items[str(i)] for i in range(len(items))]
+    return items
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="ignore", str_strip_whitespace=True)
+
+
+class EventAuth(_Wire):
+    """The `auth[...]` block of an event or robot call."""
+
+    domain: str = Field(min_length=1, max_length=255)
+    client_endpoint: str = Field(min_length=1, max_length=512)
+    member_id: str = Field(pattern=MEMBER_ID)
+    application_token: str = Field(min_length=1, max_length=256)
+    access_token: str | None = None
+    refresh_token: str | None = None
+    expires: int | None = None
+    expires_in: int | None = None
+    scope: str = ""
+    server_endpoint: str | None = None
+    status: str | None = None
+    user_id: int | None = None
+
+
+class InstallEvent(_Wire):
+    """Server-to-server `ONAPPINSTALL` event."""
+
+    event: str
+    auth: EventAuth
+    data: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("event")
+    @classmethod
+    def _is_install(cls, value: str) -> str:
+        if value.upper() != "ONAPPINSTALL":
+            raise ValueError("expected event ONAPPINSTALL")
+        return value.upper()
+
+
+class UninstallEvent(_Wire):
+    """`ONAPPUNINSTALL` event: no tokens, only `application_token` proves it."""
+
+    event: str
+    auth: EventAuth
+
+    @field_validator("event")
+    @classmethod
+    def _is_uninstall(cls, value: str) -> str:
+        if value.upper() != "ONAPPUNINSTALL":
+            raise ValueError("expected event ONAPPUNINSTALL")
+        return value.upper()
+
+
+class IframeInstall(_Wire):
+    """The install page opened in the portal frame: tokens in the body, `DOMAIN` in the query."""
+
+    AUTH_ID: str = Field(min_length=1)
+    REFRESH_ID: str = Field(min_length=1)
+    AUTH_EXPIRES: int = 3600
+    APPLICATION_TOKEN: str = Field(min_length=1, max_length=256)
+    APPLICATION_SCOPE: str = ""
+    SERVER_ENDPOINT: str | None = None
+    member_id: str = Field(pattern=MEMBER_ID)
+    DOMAIN: str = Field(min_length=1, max_length=255)
+    PROTOCOL: Literal["0", "1"] = "1"
+
+
+class RobotCall(_Wire):
+    """What the portal posts to the robot's `HANDLER` when a workflow reaches it."""
+
+    event_token: str = Field(min_length=1, max_length=1024)
+    auth: EventAuth
+    workflow_id: str = Field(default="", max_length=128)
+    code: str = Field(default="", max_length=128)
+    document_id: list[str] = Field(default_factory=list)
+    document_type: list[str] = Field(default_factory=list)
+    properties: dict[str, Any] = Field(default_factory=dict)
+    use_subscription: str = "Y"
+    timeout_duration: int | None = Field(default=None, ge=0)
+    ts: int | None = None
+
+
+class TokenResponse(_Wire):
+    """Reply of the authorization server to a code exchange or a refresh."""
+
+    access_token: str = Field(min_length=1)
+    refresh_token: str | None = None
+    expires_in: int = 3600
+    expires: int | None = None
+    client_endpoint: str = Field(min_length=1)
+    server_endpoint: str | None = None
+    member_id: str = Field(pattern=MEMBER_ID)
+    scope: str = ""
+    status: str | None = None
+    user_id: int | None = None
+
+
+class PortalTokens(BaseModel):
+    """One portal's record in the token store."""
+
+    member_id: str
+    domain: str
+    client_endpoint: str
+    access_token: str | None = None
+    refresh_token: str | None = None
+    expires_at: float = 0.0
+    application_token: str | None = None
+    scope: str = ""
+    user_id: int | None = None
+    server_endpoint: str | None = None
+    robot_registered_at: float | None = None
+    updated_at: float = Field(default_factory=time.time)
+
+    def expires_within(self, seconds: float) -> bool:
+        return self.expires_at - time.time() < seconds
+
+    def with_tokens(self, reply: TokenResponse) -> "PortalTokens":
+        """The record after a refresh; a reply without a refresh token keeps the old one."""
+        return self.model_copy(
+            update={
+                "access_token": reply.access_token,
+                "refresh_token": reply.refresh_token or self.refresh_token,
+                "expires_at": expiry(reply.expires, reply.expires_in),
+                "scope": reply.scope or self.scope,
+                "user_id": reply.user_id if reply.user_id is not None else self.user_id,
+                "updated_at": time.time(),
+            }
+        )
+
+
+def expiry(expires: int | None, expires_in: int | None) -> float:
+    """Absolute expiry; our own clock wins over the portal's `expires` to survive clock skew."""
+    if expires_in:
+        return time.time() + expires_in
+    return float(expires) if expires else time.time() + 3600
+
+
+class ErrorBody(BaseModel):
+    """Body of every error reply."""
+
+    error: str
+    detail: str
+
+
+class RobotAck(BaseModel):
+    """Reply to an accepted robot call."""
+
+    status: Literal["accepted", "duplicate"]
+    job_id: int
+
+
+class QueueStats(BaseModel):
+    """State of the job journal."""
+
+    pending: int = 0
+    oldest_pending_age_seconds: float | None = None
+    done: int = 0
+    failed: int = 0
+    abandoned: int = 0
+
+
+class PortalStatus(BaseModel):
+    """What the status page says about one portal (no secrets)."""
+
+    member_id: str
+    domain: str
+    token_valid_for_seconds: int
+    can_refresh: bool
+    robot_registered: bool
+
+
+class RobotRun(BaseModel):
+    """One recent robot call, for the status page."""
+
+    job_id: int
+    member_id: str
+    workflow_id: str
+    state: str
+    contact_id: int
+    error: str
+    created_at: float
+
+
+class Health(BaseModel):
+    """`GET /health` reply."""
+
+    status: Literal["ok"] = "ok"
+    portal_connected: bool
+    robot_registered: bool
+    missing_settings: list[str]
+    token_store_error: str | None = None
+    portals: list[PortalStatus]
+    queue: QueueStats

@@ -1,0 +1,95 @@
+"""Domain errors of the app. `main.register_exception_handlers` maps them to HTTP in one place.
+
+AppError                      status, stable `code`, message
+├── BadRequest                400  the body is not what this endpoint takes
+│   ├── PayloadTooLarge       413
+│   └── UnsupportedMediaType  415
+├── InvalidOAuthState         400  wrong, used, expired or foreign `state`
+├── UnknownPortal             401  `member_id` of a portal we never installed
+├── InvalidApplicationToken   403  `application_token` does not match the stored one
+├── ForeignPortal             403  a portal other than the configured one
+├── InstallRejected           403  tokens the portal does not confirm as ours
+├── NotConfigured             503  required settings are missing
+├── StorageError              503  the token file or job journal cannot be used
+└── UpstreamUnavailable       502  the portal or the OAuth server failed
+"""
+
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    BAD_REQUEST = "bad_request"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    INVALID_STATE = "invalid_oauth_state"
+    UNKNOWN_PORTAL = "unknown_portal"
+    INVALID_APPLICATION_TOKEN = "invalid_application_token"  # noqa: S105 (a code, not a secret)
+    FOREIGN_PORTAL = "foreign_portal"
+    INSTALL_REJECTED = "install_rejected"
+    NOT_CONFIGURED = "not_configured"
+    STORAGE_ERROR = "storage_error"
+    UPSTREAM_UNAVAILABLE = "upstream_unavailable"
+
+
+class AppError(Exception):
+    """Base of every error the app reports to a caller."""
+
+    status_code = 400
+    code = ErrorCode.BAD_REQUEST
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(AppError):
+    pass
+
+
+class PayloadTooLarge(BadRequest):
+    status_code = 413
+    code = ErrorCode.PAYLOAD_TOO_LARGE
+
+
+class UnsupportedMediaType(BadRequest):
+    status_code = 415
+    code = ErrorCode.UNSUPPORTED_MEDIA_TYPE
+
+
+class InvalidOAuthState(AppError):
+    code = ErrorCode.INVALID_STATE
+
+
+class UnknownPortal(AppError):
+    status_code = 401
+    code = ErrorCode.UNKNOWN_PORTAL
+
+
+class InvalidApplicationToken(AppError):
+    status_code = 403
+    code = ErrorCode.INVALID_APPLICATION_TOKEN
+
+
+class ForeignPortal(AppError):
+    status_code = 403
+    code = ErrorCode.FOREIGN_PORTAL
+
+
+class InstallRejected(AppError):
+    status_code = 403
+    code = ErrorCode.INSTALL_REJECTED
+
+
+class NotConfigured(AppError):
+    status_code = 503
+    code = ErrorCode.NOT_CONFIGURED
+
+
+class StorageError(AppError):
+    status_code = 503
+    code = ErrorCode.STORAGE_ERROR
+
+
+class UpstreamUnavailable(AppError):
+    status_code = 502
+    code = ErrorCode.UPSTREAM_UNAVAILABLE

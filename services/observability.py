@@ -1,0 +1,90 @@
+"""Console logging: one root handler, a context prefix per line, and no secret on any line.
+
+Secrets are masked twice over: by shape (`access_token=…`, `auth[refresh_token]=…`, JSON
+`"client_secret": "…"`, event tokens) and by value (every token the app has stored or handled is
+registered here and replaced wherever it shows up, in messages, URLs and tracebacks alike).
+"""
+
+import logging
+import re
+import sys
+from collections import OrderedDict
+from contextvars import ContextVar
+from typing import TextIO
+
+request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
+portal_var: ContextVar[str] = ContextVar("portal", default="-")
+workflow_var: ContextVar[str] = ContextVar("workflow", default="-")
+
+MASK = "***"
+_KEYS = (
+    r"access_token|refresh_token|client_secret|application_token|event_token|auth_id|refresh_id"
+    r"|code|auth|password|state"
+)
+_OPEN, _CLOSE = r"(?:\[|%5B)", r"(?:\]|%5D)"
+_BY_KEY = re.compile(
+    rf"(?i)((?<![A-Za-z0-9_])(?:{_KEYS})(?:{_CLOSE})?[\"']?\s*(?:=|:)\s*[\"']?)([^&\s\"',}}\]]+)"
+)
+_BRACKETED = re.compile(rf"(?i)({_OPEN}(?:{_KEYS}){_CLOSE}=)([^&\s]+)")
+_EVENT_TOKEN = re.compile(r"[\w.]+(?:\||%7C)A[\w]+(?:\||%7C)[\w]+\.[0-9a-f]{16,}")
+_SECRETS: OrderedDict[str, None] = OrderedDict()
+_MAX_SECRETS = 256
+_MIN_SECRET = 8
+
+
+def register_secret(*values: str | None) -> None:
+    """Remember values that must be masked wherever they appear later."""
+    for value in values:
+        if not value or len(value) < _MIN_SECRET:
+            continue
+        _SECRETS[value] = None
+        _SECRETS.move_to_end(value)
+        # Bounded: old rotated tokens are dead anyway, and each line is checked against them all.
+        while len(_SECRETS) > _MAX_SECRETS:
+            _SECRETS.popitem(last=False)
+
+
+def redact(text: str) -> str:
+    """The text with every known secret and every secret-shaped `key=value` masked."""
+    for secret in tuple(_SECRETS):
+        if secret in text:
+            text = text.replace(secret, MASK)
+    text = _EVENT_TOKEN.sub(MASK, text)
+    text = _BRACKETED.sub(rf"\1{MASK}", text)
+    return _BY_KEY.sub(lambda m: m.group(1) + (m.group(2) if m.group(2) == MASK else MASK), text)
+
+
+class RedactingFormatter(logging.Formatter):
+    """Formats as usual, then masks secrets in the whole line, traceback included."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.context = _context()
+        return redact(super().format(record))
+
+
+def _context() -> str:
+    parts = [f"req={request_id_var.get()}", f"portal={portal_var.get()}", f"wf={workflow_var.get()}"]
+    return " ".join(part for part in parts if not part.endswith("=-"))
+
+
+_FORMAT = "%(asctime)s %(levelname)-7s %(name)s [%(context)s] %(message)s"
+_OURS = "_bitrix_robot_handler"
+
+
+def configure_logging(level: str, stream: TextIO | None = None) -> None:
+    """Send every logger, uvicorn's included, through one redacting console handler."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, _OURS, False)]:
+        root.removeHandler(handler)
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(RedactingFormatter(_FORMAT))
+    setattr(handler, _OURS, True)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    # uvicorn's access log prints query strings (OAuth `code`, `state`): route it through our handler.
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).handlers.clear()
+        logging.getLogger(name).propagate = True
+    # httpx logs full URLs at INFO; ours carry no secrets, but a library's might.
+    for name in ("httpx", "httpcore", "aiosqlite", "filelock"):
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -1,0 +1,87 @@
+"""The few HTML pages the app shows: in the portal frame, after OAuth, and on errors."""
+
+import time
+from html import escape
+
+from schemas import Health, RobotRun
+
+_STYLE = (
+    "body{font-family:system-ui,sans-serif;margin:2rem;color:#222}"
+    "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.3rem .6rem;text-align:left}"
+    ".bad{color:#b00}.ok{color:#070}"
+)
+
+
+def _page(title: str, body: str, head: str = "") -> str:
+    return (
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
+        f"<style>{_STYLE}</style>{head}</head><body><h1>{escape(title)}</h1>{body}</body></html>"
+    )
+
+
+def install_finish_page(domain: str) -> str:
+    """Tells the portal the install is complete; must run inside the portal's frame."""
+    head = (
+        '<script src="//api.bitrix24.com/api/v1/"></script>'
+        "<script>BX24.init(function(){BX24.installFinish();});</script>"
+    )
+    body = f'<p class="ok">Installed on {escape(domain)}. The robot "Create contact" is registered.</p>'
+    return _page("Bitrix24 robot installed", body, head)
+
+
+def message_page(title: str, message: str, ok: bool = True) -> str:
+    css = "ok" if ok else "bad"
+    return _page(title, f'<p class="{css}">{escape(message)}</p>')
+
+
+def status_page(health: Health, runs: list[RobotRun]) -> str:
+    """The app's status: settings, portals, queue and the last robot runs (no secrets)."""
+    parts = [_settings_section(health), _portals_section(health), _queue_section(health), _runs_section(runs)]
+    return _page("Bitrix24 contact robot", "".join(parts))
+
+
+def _settings_section(health: Health) -> str:
+    notes = []
+    if health.missing_settings:
+        names = ", ".join(health.missing_settings)
+        notes.append(f'<p class="bad">Missing settings: {escape(names)}. Set them in .env and restart.</p>')
+    if health.token_store_error:
+        notes.append(f'<p class="bad">{escape(health.token_store_error)}</p>')
+    return "".join(notes) or '<p class="ok">Settings complete.</p>'
+
+
+def _portals_section(health: Health) -> str:
+    if not health.portals:
+        return '<p class="bad">No portal connected yet: install the app in the portal.</p>'
+    rows = "".join(
+        f"<tr><td>{escape(p.domain)}</td><td>{escape(p.member_id)}</td>"
+        f"<td>{'yes' if p.can_refresh else 'no'}</td><td>{p.token_valid_for_seconds}s</td>"
+        f"<td>{'yes' if p.robot_registered else 'no'}</td></tr>"
+        for p in health.portals
+    )
+    head = "<tr><th>Portal</th><th>member_id</th><th>Connected</th><th>Token valid</th><th>Robot</th></tr>"
+    return f"<h2>Portals</h2><table>{head}{rows}</table>"
+
+
+def _queue_section(health: Health) -> str:
+    q = health.queue
+    age = "-" if q.oldest_pending_age_seconds is None else f"{q.oldest_pending_age_seconds:.0f}s"
+    return (
+        f"<h2>Queue</h2><p>Pending: {q.pending} (oldest {age}); done: {q.done}; "
+        f"failed: {q.failed}; abandoned: {q.abandoned}</p>"
+    )
+
+
+def _runs_section(runs: list[RobotRun]) -> str:
+    if not runs:
+        return "<h2>Last robot runs</h2><p>None yet.</p>"
+    rows = "".join(
+        f"<tr><td>{r.job_id}</td><td>{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(r.created_at))}</td>"
+        f"<td>{escape(r.workflow_id)}</td><td>{escape(r.state)}</td><td>{r.contact_id}</td>"
+        f"<td>{escape(r.error)}</td></tr>"
+        for r in runs
+    )
+    head = (
+        "<tr><th>Job</th><th>Accepted</th><th>Workflow</th><th>State</th><th>Contact</th><th>Error</th></tr>"
+    )
+    return f"<h2>Last robot runs</h2><table>{head}{rows}</table>"

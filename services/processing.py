@@ -1,0 +1,336 @@
+"""What the app does for each endpoint: install, OAuth, robot calls, uninstall, status."""
+
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import urlencode, urlsplit
+
+from config import Settings
+from repositories.job_journal import JobJournal, NewJob
+from repositories.oauth_state_store import OAuthStateStore
+from repositories.token_store import TokenStore, TokenStoreError
+from schemas import (
+    Health,
+    IframeInstall,
+    InstallEvent,
+    PortalStatus,
+    PortalTokens,
+    RobotAck,
+    RobotCall,
+    RobotRun,
+    TokenResponse,
+    UninstallEvent,
+    expiry,
+)
+from services.bitrix_client import (
+    BitrixApiError,
+    BitrixAuthError,
+    BitrixClient,
+    BitrixError,
+    OAuthError,
+)
+from services.contact_validation import InvalidContactData, contact_fields
+from services.errors import (
+    BadRequest,
+    ForeignPortal,
+    InstallRejected,
+    InvalidOAuthState,
+    NotConfigured,
+    StorageError,
+    UpstreamUnavailable,
+)
+from services.observability import portal_var, register_secret, workflow_var
+from services.robot_definition import robot_fields
+from services.trust import allowed_portal, verify_callback
+
+logger = logging.getLogger(__name__)
+
+STATE_TTL_SECONDS = 600.0
+_ALREADY_THERE = {"ERROR_ACTIVITY_ALREADY_INSTALLED", "ERROR_ACTIVITY_ADD_FAILURE"}
+
+
+@dataclass(frozen=True)
+class LoginRedirect:
+    url: str
+    browser_nonce: str
+
+
+class ProcessingService:
+    """The use cases behind the routes; routes parse and answer, this decides and acts."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        tokens: TokenStore,
+        bitrix: BitrixClient,
+        journal: JobJournal,
+        states: OAuthStateStore,
+        wake_worker: Callable[[], None],
+    ) -> None:
+        self._settings = settings
+        self._tokens = tokens
+        self._bitrix = bitrix
+        self._journal = journal
+        self._states = states
+        self._wake_worker = wake_worker
+
+    # --- install -------------------------------------------------------------------------------
+
+    async def install_from_event(self, event: InstallEvent) -> PortalTokens:
+        """Server-to-server ONAPPINSTALL: prove the tokens, store them, register the robot."""
+        auth = event.auth
+        if not auth.access_token or not auth.refresh_token:
+            raise BadRequest("The install event carries no access_token or refresh_token.")
+        endpoint = allowed_portal(self._settings, auth.domain, auth.client_endpoint)
+        candidate = PortalTokens(
+            member_id=auth.member_id,
+            domain=auth.domain.lower(),
+            client_endpoint=endpoint,
+            access_token=auth.access_token,
+            refresh_token=auth.refresh_token,
+            expires_at=expiry(auth.expires, auth.expires_in),
+            application_token=auth.application_token,
+            scope=auth.scope,
+            user_id=auth.user_id,
+            server_endpoint=auth.server_endpoint,
+        )
+        return await self._install(candidate)
+
+    async def install_from_frame(self, form: IframeInstall) -> PortalTokens:
+        """Install page opened in the portal frame (the UI install variant)."""
+        scheme = "https" if form.PROTOCOL == "1" else "http"
+        endpoint = allowed_portal(self._settings, form.DOMAIN, f"{scheme}://{form.DOMAIN}/rest/")
+        candidate = PortalTokens(
+            member_id=form.member_id,
+            domain=form.DOMAIN.lower(),
+            client_endpoint=endpoint,
+            access_token=form.AUTH_ID,
+            refresh_token=form.REFRESH_ID,
+            expires_at=expiry(None, form.AUTH_EXPIRES),
+            application_token=form.APPLICATION_TOKEN,
+            scope=form.APPLICATION_SCOPE,
+            server_endpoint=form.SERVER_ENDPOINT,
+        )
+        return await self._install(candidate)
+
+    async def _install(self, candidate: PortalTokens) -> PortalTokens:
+        self._require_configured()
+        portal_var.set(candidate.domain)
+        register_secret(candidate.access_token, candidate.refresh_token, candidate.application_token)
+        await self._prove(candidate)
+        await self._save(candidate)
+        logger.info("Install from portal %s (%s): tokens stored", candidate.domain, candidate.member_id)
+        await self._register_robot(candidate)
+        await self._bind_uninstall(candidate.member_id)
+        return await self._get(candidate.member_id) or candidate
+
+    async def _prove(self, candidate: PortalTokens) -> None:
+        """Tokens count only once the portal they claim confirms they belong to our app."""
+        token = candidate.access_token or ""
+        try:
+            info = await self._bitrix.call_with_token(candidate.client_endpoint, token, "app.info")
+        except (BitrixAuthError, BitrixApiError) as exc:
+            raise InstallRejected(
+                f"The portal {candidate.domain} did not confirm the tokens ({exc})."
+            ) from exc
+        except BitrixError as exc:
+            raise UpstreamUnavailable(f"The portal {candidate.domain} could not be reached: {exc}") from exc
+        code = info.get("CODE") if isinstance(info, dict) else None
+        if code != self._settings.bitrix_client_id:
+            raise InstallRejected(f"The tokens belong to another app ({code!r}), not BITRIX_CLIENT_ID.")
+
+    async def _register_robot(self, record: PortalTokens) -> None:
+        fields = robot_fields(self._settings)
+        if record.user_id:
+            fields["AUTH_USER_ID"] = record.user_id
+        code = self._settings.robot_code
+        try:
+            try:
+                await self._bitrix.call(record.member_id, "bizproc.robot.add", {"CODE": code, **fields})
+                logger.info("Robot %s registered, handler %s", code, fields["HANDLER"])
+            except BitrixApiError as exc:
+                if exc.error.upper() not in _ALREADY_THERE:
+                    raise
+                await self._bitrix.call(
+                    record.member_id, "bizproc.robot.update", {"CODE": code, "FIELDS": fields}
+                )
+                logger.info("Robot %s was registered already; updated, handler %s", code, fields["HANDLER"])
+        except BitrixError as exc:
+            raise UpstreamUnavailable(f"Registering the robot failed: {exc}. {exc.admin_hint}") from exc
+        stored = await self._get(record.member_id)
+        if stored is not None:
+            await self._save(stored.model_copy(update={"robot_registered_at": time.time()}))
+
+    async def _bind_uninstall(self, member_id: str) -> None:
+        params = {"event": "ONAPPUNINSTALL", "handler": self._settings.uninstall_handler_url}
+        try:
+            await self._bitrix.call(member_id, "event.bind", params)
+        except BitrixApiError as exc:
+            if exc.error.upper() != "ERROR_HANDLER_ALREADY_EXIST":
+                logger.warning("Could not bind ONAPPUNINSTALL: %s", exc)
+        except BitrixError as exc:
+            logger.warning("Could not bind ONAPPUNINSTALL: %s", exc)
+
+    # --- OAuth ---------------------------------------------------------------------------------
+
+    async def start_login(self, domain: str | None) -> LoginRedirect:
+        """Where to send the browser to start the authorization-code grant."""
+        self._require_configured()
+        portal_url = self._login_portal(domain)
+        state, nonce = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+        await self._states.put(state, nonce, portal_url, STATE_TTL_SECONDS)
+        query = urlencode({"client_id": self._settings.bitrix_client_id, "state": state})
+        logger.info("OAuth login started for %s", portal_url)
+        return LoginRedirect(url=f"{portal_url}/oauth/authorize/?{query}", browser_nonce=nonce)
+
+    def _login_portal(self, domain: str | None) -> str:
+        configured = self._settings.bitrix_portal_url
+        if domain:
+            host = domain.strip().lower()
+            scheme = urlsplit(configured).scheme if configured else "https"
+            allowed_portal(self._settings, host, f"{scheme}://{host}/rest/")
+            return f"{scheme}://{host}"
+        if configured:
+            return configured
+        raise BadRequest("Set BITRIX_PORTAL_URL, or open /oauth/login?domain=your-portal.bitrix24.ru")
+
+    async def finish_login(
+        self, code: str | None, state: str | None, browser_nonce: str | None
+    ) -> PortalTokens:
+        """OAuth callback: check `state`, exchange `code`, store the tokens."""
+        if not state:
+            raise InvalidOAuthState("The OAuth callback has no state; start again at /oauth/login.")
+        portal_url = await self._states.take(state, browser_nonce or "")
+        if portal_url is None:
+            raise InvalidOAuthState("Unknown, used or expired OAuth state; start again at /oauth/login.")
+        if not code:
+            raise BadRequest("The OAuth callback has no code.")
+        register_secret(code)
+        self._require_configured()
+        try:
+            reply = await self._bitrix.exchange_code(code)
+        except OAuthError as exc:
+            raise InstallRejected(
+                f"The authorization server refused the code: {exc}. {exc.admin_hint}"
+            ) from exc
+        except BitrixError as exc:
+            raise UpstreamUnavailable(f"The authorization server could not be reached: {exc}") from exc
+        register_secret(reply.access_token, reply.refresh_token)
+        host = urlsplit(reply.client_endpoint).netloc.lower()
+        endpoint = allowed_portal(self._settings, host, reply.client_endpoint)
+        if host != urlsplit(portal_url).netloc.lower():
+            raise ForeignPortal("The tokens are for another portal than the one the login started at.")
+        return await self._store_login(reply.member_id, host, endpoint, reply)
+
+    async def _store_login(
+        self, member_id: str, host: str, endpoint: str, reply: TokenResponse
+    ) -> PortalTokens:
+        existing = await self._get(member_id)
+        base = existing or PortalTokens(member_id=member_id, domain=host, client_endpoint=endpoint)
+        record = base.model_copy(update={"domain": host, "client_endpoint": endpoint}).with_tokens(reply)
+        await self._save(record)
+        logger.info("OAuth authorization stored for portal %s (%s)", host, member_id)
+        return record
+
+    # --- robot ---------------------------------------------------------------------------------
+
+    async def accept_robot_call(self, call: RobotCall) -> RobotAck:
+        """Verify the call, validate its data and journal it; the worker does the rest."""
+        portal_var.set(call.auth.domain)
+        workflow_var.set(call.workflow_id or "-")
+        record = verify_callback(self._settings, await self._get(call.auth.member_id), call.auth)
+        try:
+            contact, error = contact_fields(call.properties, self._settings.phone_default_region), ""
+        except InvalidContactData as exc:
+            contact, error = None, str(exc)
+        job_id, created = await self._journal.add(self._new_job(call, record, contact, error))
+        if not created:
+            logger.info("Robot call delivered again; job %d already has it", job_id)
+            return RobotAck(status="duplicate", job_id=job_id)
+        self._wake_worker()
+        if error:
+            logger.info("Robot call job %d: data rejected: %s", job_id, error)
+        else:
+            logger.info("Robot call accepted as job %d", job_id)
+        return RobotAck(status="accepted", job_id=job_id)
+
+    def _new_job(
+        self, call: RobotCall, record: PortalTokens, contact: dict[str, object] | None, error: str
+    ) -> NewJob:
+        budget = self._settings.job_retry_budget_seconds
+        if call.timeout_duration:
+            budget = min(budget, float(call.timeout_duration))
+        return NewJob(
+            event_token=call.event_token,
+            member_id=record.member_id,
+            workflow_id=call.workflow_id,
+            document_id="/".join(call.document_id),
+            deadline=time.time() + budget,
+            contact=contact,
+            error=error,
+            client_endpoint=record.client_endpoint,
+            call_access_token=call.auth.access_token or "",
+        )
+
+    # --- uninstall and status ------------------------------------------------------------------
+
+    async def uninstall(self, event: UninstallEvent) -> None:
+        """ONAPPUNINSTALL: forget the portal's tokens once the event is proven authentic."""
+        portal_var.set(event.auth.domain)
+        record = verify_callback(self._settings, await self._get(event.auth.member_id), event.auth)
+        try:
+            await self._tokens.delete(record.member_id)
+        except TokenStoreError as exc:
+            raise StorageError(str(exc)) from exc
+        logger.info("App uninstalled from portal %s: its tokens are deleted", record.domain)
+
+    async def health(self) -> Health:
+        """Whether a portal is connected, the robot registered, and how the queue stands."""
+        store_error = None
+        try:
+            records = await self._tokens.list()
+        except TokenStoreError as exc:
+            records, store_error = [], str(exc)
+        portals = [_portal_status(record) for record in records]
+        return Health(
+            portal_connected=any(p.can_refresh for p in portals),
+            robot_registered=any(p.robot_registered for p in portals),
+            missing_settings=self._settings.missing(),
+            token_store_error=store_error,
+            portals=portals,
+            queue=await self._journal.stats(),
+        )
+
+    async def recent_runs(self, limit: int = 20) -> list[RobotRun]:
+        return await self._journal.recent(limit)
+
+    # --- helpers -------------------------------------------------------------------------------
+
+    def _require_configured(self) -> None:
+        missing = self._settings.missing()
+        if missing:
+            raise NotConfigured(f"Set {', '.join(missing)} (in .env or the environment) and restart the app.")
+
+    async def _get(self, member_id: str) -> PortalTokens | None:
+        try:
+            return await self._tokens.get(member_id)
+        except TokenStoreError as exc:
+            raise StorageError(str(exc)) from exc
+
+    async def _save(self, record: PortalTokens) -> None:
+        try:
+            await self._tokens.save(record)
+        except TokenStoreError as exc:
+            raise StorageError(str(exc)) from exc
+
+
+def _portal_status(record: PortalTokens) -> PortalStatus:
+    return PortalStatus(
+        member_id=record.member_id,
+        domain=record.domain,
+        token_valid_for_seconds=max(0, int(record.expires_at - time.time())),
+        can_refresh=bool(record.refresh_token),
+        robot_registered=record.robot_registered_at is not None,
+    )

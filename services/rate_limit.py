@@ -1,0 +1,23 @@
+"""Client-side leaky bucket per portal, matching the portal's own (burst X, drain Y per second).
+
+Staying under the portal's bucket avoids `QUERY_LIMIT_EXCEEDED` instead of recovering from it.
+aiolimiter implements exactly this bucket: capacity `burst`, refilled at `burst / period`.
+"""
+
+from aiolimiter import AsyncLimiter
+
+
+class PortalRateLimiter:
+    """One bucket per portal host, created on first use."""
+
+    def __init__(self, burst: int, per_second: float) -> None:
+        self._burst = burst
+        self._period = burst / per_second
+        self._buckets: dict[str, AsyncLimiter] = {}
+
+    async def acquire(self, portal: str) -> None:
+        """Wait until the portal's bucket has room for one more request."""
+        bucket = self._buckets.get(portal)
+        if bucket is None:
+            bucket = self._buckets[portal] = AsyncLimiter(self._burst, self._period)
+        await bucket.acquire()

@@ -1,0 +1,275 @@
+"""The job worker: turns journaled robot calls into contacts and answers, in batches.
+
+Many waiting jobs of one portal become one `batch` of up to 50 `crm.contact.add`, then one
+`batch` of up to 50 `bizproc.event.send`. Each contact carries an origin id derived from its
+`event_token`, so a job resumed after a crash finds the contact it already made instead of
+creating a second one.
+"""
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+from config import Settings
+from repositories.job_journal import Job, JobJournal
+from services.bitrix_client import BatchResult, BitrixAccessDenied, BitrixClient, BitrixError
+from services.observability import portal_var, workflow_var
+from services.retry import RetryPolicy
+
+logger = logging.getLogger(__name__)
+
+BATCH_LIMIT = 50  # Bitrix24 runs at most 50 commands in one `batch`
+ORIGINATOR_ID = "bitrix24-robot-app"
+_ADD_SHARE = 0.75  # of a job's budget spent creating the contact; the rest is for the answer
+_IDLE_SECONDS = 5.0
+
+
+def origin_id(event_token: str) -> str:
+    """A stable id for the contact of one robot call (the token itself is a secret)."""
+    return hashlib.sha256(event_token.encode()).hexdigest()[:32]
+
+
+class JobWorker:
+    """Processes due jobs until cancelled; `wake()` when a new job is journaled."""
+
+    def __init__(
+        self, journal: JobJournal, bitrix: BitrixClient, settings: Settings, policy: RetryPolicy
+    ) -> None:
+        self._journal = journal
+        self._bitrix = bitrix
+        self._settings = settings
+        self._policy = policy
+        self._wakeup = asyncio.Event()
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        """Loop forever; a failed pass is logged and retried, never fatal."""
+        logger.info("Job worker started")
+        while True:
+            try:
+                processed = await self.run_once()
+            except Exception:
+                logger.exception("Job worker pass failed; retrying shortly")
+                processed = 0
+                await asyncio.sleep(1.0)
+            if not processed:
+                await self._idle()
+
+    async def run_once(self) -> int:
+        """Claim and process one round of due jobs; returns how many were claimed."""
+        jobs = await self._journal.claim(BATCH_LIMIT, self._settings.job_lease_seconds)
+        by_portal: dict[str, list[Job]] = defaultdict(list)
+        for job in jobs:
+            by_portal[job.member_id].append(job)
+        await asyncio.gather(*(self._process_portal(member, group) for member, group in by_portal.items()))
+        return len(jobs)
+
+    async def _idle(self) -> None:
+        due = await self._journal.next_due()
+        timeout = _IDLE_SECONDS if due is None else min(_IDLE_SECONDS, max(0.0, due - time.time()))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wakeup.wait(), timeout)
+        self._wakeup.clear()
+        # A short pause lets a burst of calls pile up into one batch instead of many small ones.
+        await asyncio.sleep(self._settings.batch_linger_seconds)
+
+    async def _process_portal(self, member_id: str, jobs: list[Job]) -> None:
+        ready = [job for job in jobs if job.state == "send"]
+        adds = [job for job in jobs if job.state == "add"]
+        if adds:
+            ready += await self._create_contacts(member_id, adds)
+        if ready:
+            await self._answer(member_id, ready)
+
+    # --- contacts ------------------------------------------------------------------------------
+
+    async def _create_contacts(self, member_id: str, jobs: list[Job]) -> list[Job]:
+        """Create the contacts; returns the jobs that are now ready to answer."""
+        ready: list[Job] = []
+        live: list[Job] = []
+        for job in jobs:
+            if time.time() > _add_deadline(job):
+                message = (
+                    f"The contact could not be created in time: {job.error or 'the portal did not answer'}"
+                )
+                ready.append(await self._to_send(job, 0, message))
+            else:
+                live.append(job)
+        found = await self._find_existing(member_id, [job for job in live if job.add_attempted])
+        for job in live:
+            if job.id in found:
+                ready.append(await self._to_send(job, found[job.id], ""))
+        fresh = [job for job in live if job.id not in found]
+        if fresh:
+            ready += await self._add_contacts(member_id, fresh)
+        return ready
+
+    async def _find_existing(self, member_id: str, jobs: Sequence[Job]) -> dict[int, int]:
+        """Contacts made by an earlier attempt that died before it could record their ids."""
+        if not jobs:
+            return {}
+        commands = {
+            _key(job): (
+                "crm.contact.list",
+                {
+                    "filter": {"ORIGINATOR_ID": ORIGINATOR_ID, "ORIGIN_ID": origin_id(job.event_token)},
+                    "select": ["ID"],
+                },
+            )
+            for job in jobs
+        }
+        outcome = await self._batch_or_none(member_id, commands)
+        found: dict[int, int] = {}
+        for job in jobs:
+            items = outcome.results.get(_key(job)) if outcome else None
+            if isinstance(items, list) and items and isinstance(items[0], dict):
+                found[job.id] = int(items[0]["ID"])
+                logger.info("Job %d: found contact %s from an earlier attempt", job.id, items[0]["ID"])
+        return found
+
+    async def _add_contacts(self, member_id: str, jobs: list[Job]) -> list[Job]:
+        # Recorded before sending: if we die mid-request, the resumed job looks before it adds.
+        await self._journal.mark_add_attempted([job.id for job in jobs])
+        commands = {_key(job): ("crm.contact.add", _add_params(job)) for job in jobs}
+        try:
+            outcome = await self._bitrix.batch(member_id, commands)
+        except BitrixError as exc:
+            return await self._add_failed(jobs, exc)
+        ready: list[Job] = []
+        for job in jobs:
+            error = outcome.errors.get(_key(job))
+            if error is None:
+                ready.append(await self._to_send(job, int(outcome.results[_key(job)]), ""))
+            elif error.retryable:
+                await self._retry(job, error)
+            else:
+                ready.append(await self._to_send(job, 0, _portal_refused(error)))
+        return ready
+
+    async def _add_failed(self, jobs: list[Job], exc: BitrixError) -> list[Job]:
+        if exc.retryable:
+            for job in jobs:
+                await self._retry(job, exc)
+            return []
+        message = f"The contact was not created: {exc}. {exc.admin_hint}"
+        return [await self._to_send(job, 0, message) for job in jobs]
+
+    # --- answers -------------------------------------------------------------------------------
+
+    async def _answer(self, member_id: str, jobs: list[Job]) -> None:
+        commands = {_key(job): ("bizproc.event.send", _answer_params(job)) for job in jobs}
+        try:
+            outcome = await self._bitrix.batch(member_id, commands)
+        except BitrixError as exc:
+            await self._answer_failed(jobs, exc)
+            return
+        for job in jobs:
+            await self._answered(job, outcome.errors.get(_key(job)))
+
+    async def _answer_failed(self, jobs: list[Job], exc: BitrixError) -> None:
+        if exc.retryable:
+            for job in jobs:
+                await self._answered(job, exc)
+            return
+        # Our tokens are unusable (revoked, refresh refused): answer with the call's own token.
+        logger.warning("Answering with the portal's token failed (%s); using each call's own token", exc)
+        for job in jobs:
+            await self._answered(job, await self._answer_with_call_token(job))
+
+    async def _answer_with_call_token(self, job: Job) -> BitrixError | None:
+        if not job.call_access_token:
+            return BitrixError("no token to answer with")
+        try:
+            await self._bitrix.call_with_token(
+                job.client_endpoint, job.call_access_token, "bizproc.event.send", _answer_params(job)
+            )
+        except BitrixError as exc:
+            return exc
+        return None
+
+    async def _answered(self, job: Job, error: BitrixError | None) -> None:
+        self._set_context(job)
+        if error is None:
+            await self._journal.finish(job.id, "done")
+            logger.info(
+                "Job %d done: contact_id=%d%s",
+                job.id,
+                job.contact_id,
+                f", error: {job.error}" if job.error else "",
+            )
+        elif isinstance(error, BitrixAccessDenied):
+            await self._journal.finish(job.id, "abandoned", job.error)
+            logger.warning("Job %d abandoned: the portal no longer waits for this answer (%s)", job.id, error)
+        elif error.retryable and time.time() < job.deadline:
+            await self._retry(job, error)
+        else:
+            await self._journal.finish(job.id, "failed", job.error)
+            logger.error(
+                "Job %d failed: the workflow could not be answered: %s. %s", job.id, error, error.admin_hint
+            )
+
+    # --- bookkeeping ---------------------------------------------------------------------------
+
+    async def _batch_or_none(
+        self, member_id: str, commands: dict[str, tuple[str, dict[str, Any]]]
+    ) -> BatchResult | None:
+        try:
+            return await self._bitrix.batch(member_id, commands)
+        except BitrixError as exc:
+            logger.warning("Looking up earlier contacts failed (%s); the jobs will be retried", exc)
+            return None
+
+    async def _to_send(self, job: Job, contact_id: int, error: str) -> Job:
+        await self._journal.to_send(job.id, contact_id, error)
+        self._set_context(job)
+        if error:
+            logger.warning("Job %d: no contact: %s", job.id, error)
+        else:
+            logger.info("Job %d: contact %d created", job.id, contact_id)
+        return replace(job, state="send", contact_id=contact_id, error=error)
+
+    async def _retry(self, job: Job, error: BitrixError) -> None:
+        delay = self._policy.delay(job.attempts, error.retry_after)
+        self._set_context(job)
+        logger.warning("Job %d: %s; retry in %.1fs", job.id, error, delay)
+        await self._journal.retry_later(job.id, delay, str(error))
+
+    @staticmethod
+    def _set_context(job: Job) -> None:
+        portal_var.set(job.member_id)
+        workflow_var.set(job.workflow_id or "-")
+
+
+def _key(job: Job) -> str:
+    return f"job{job.id}"
+
+
+def _add_deadline(job: Job) -> float:
+    return job.created_at + (job.deadline - job.created_at) * _ADD_SHARE
+
+
+def _add_params(job: Job) -> dict[str, Any]:
+    fields = {**(job.contact or {}), "ORIGINATOR_ID": ORIGINATOR_ID, "ORIGIN_ID": origin_id(job.event_token)}
+    return {"fields": fields, "params": {"REGISTER_SONET_EVENT": "N"}}
+
+
+def _answer_params(job: Job) -> dict[str, Any]:
+    log = job.error or f"Contact {job.contact_id} created"
+    return {
+        "event_token": job.event_token,
+        "return_values": {"contact_id": job.contact_id, "error": job.error},
+        "log_message": log,
+    }
+
+
+def _portal_refused(error: BitrixError) -> str:
+    detail = getattr(error, "description", "") or str(error)
+    return f"The portal refused to create the contact: {detail}"
