@@ -45,6 +45,7 @@ def _settings(app: FastAPI) -> Settings:
 async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
     """Build the shared HTTP client, stores and job worker; close them on shutdown."""
     settings = _settings(app)
+    configure_logging(settings.log_level)
     register_secret(*settings.secret_values())
     _report_settings(settings)
     timeout = httpx.Timeout(settings.http_timeout_seconds, connect=5.0)
@@ -176,7 +177,6 @@ def register_exception_handlers(app: FastAPI) -> None:
 
 def create_app() -> FastAPI:
     """The FastAPI app, with routes, error handlers and request logging."""
-    configure_logging(get_settings().log_level)
     app = FastAPI(title="Bitrix24 contact robot", version="1.0.0", lifespan=lifespan)
     app.include_router(router)
     register_exception_handlers(app)

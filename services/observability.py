@@ -82,9 +82,12 @@ def configure_logging(level: str, stream: TextIO | None = None) -> None:
     root.addHandler(handler)
     root.setLevel(level.upper())
     # uvicorn's access log prints query strings (OAuth `code`, `state`): route it through our handler.
+    # A logger uvicorn left without handlers (`--no-access-log`) stays off.
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
-        logging.getLogger(name).handlers.clear()
-        logging.getLogger(name).propagate = True
+        uvicorn_logger = logging.getLogger(name)
+        if uvicorn_logger.handlers:
+            uvicorn_logger.handlers.clear()
+            uvicorn_logger.propagate = True
     # httpx logs full URLs at INFO; ours carry no secrets, but a library's might.
     for name in ("httpx", "httpcore", "aiosqlite", "filelock"):
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -80,6 +80,7 @@ class ProcessingService:
 
     async def install_from_event(self, event: InstallEvent) -> PortalTokens:
         """Server-to-server ONAPPINSTALL: prove the tokens, store them, register the robot."""
+        self._require_configured()
         auth = event.auth
         if not auth.access_token or not auth.refresh_token:
             raise BadRequest("The install event carries no access_token or refresh_token.")
@@ -100,6 +101,7 @@ class ProcessingService:
 
     async def install_from_frame(self, form: IframeInstall) -> PortalTokens:
         """Install page opened in the portal frame (the UI install variant)."""
+        self._require_configured()
         scheme = "https" if form.PROTOCOL == "1" else "http"
         endpoint = allowed_portal(self._settings, form.DOMAIN, f"{scheme}://{form.DOMAIN}/rest/")
         candidate = PortalTokens(
@@ -116,7 +118,6 @@ class ProcessingService:
         return await self._install(candidate)
 
     async def _install(self, candidate: PortalTokens) -> PortalTokens:
-        self._require_configured()
         portal_var.set(candidate.domain)
         register_secret(candidate.access_token, candidate.refresh_token, candidate.application_token)
         await self._prove(candidate)

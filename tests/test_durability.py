@@ -1,0 +1,55 @@
+"""No acknowledged robot call is lost: `kill -9` of the real app process, then a restart."""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.fake_portal import FakePortal
+from tests.processes import AppProcess, app_env, free_port
+
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")
+
+
+def post(url: str, body: str) -> httpx.Response:
+    return httpx.post(url, content=body.encode(), headers=FORM, timeout=10)
+
+
+def test_kill_9_with_pending_jobs_then_restart_answers_every_workflow_once(tmp_path: Path, portal: FakePortal) -> None:
+    port = free_port()
+    env = app_env(portal, f"http://127.0.0.1:{port}", JOB_LEASE_SECONDS="1")
+    log = tmp_path / "app.log"
+    app = AppProcess(tmp_path, env, port, log)
+    try:
+        assert post(f"{app.url}/install", portal.install_event_body()).status_code == 200
+        portal.hold()  # the portal stalls: contacts are being created when the app dies
+        tokens = []
+        for i in range(40):
+            token, body = portal.robot_call_body({"first_name": f"Ivan{i}", "phone": "+79991234567"})
+            assert post(f"{app.url}/robot", body).status_code == 200
+            tokens.append(token)
+        time.sleep(0.5)
+        app.kill_9()
+        portal.release()
+        app = AppProcess(tmp_path, env, port, log)
+        deadline = time.monotonic() + 30
+        while len(portal.answers) < len(tokens) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        app.stop()
+
+    assert sorted(portal.answers) == sorted(tokens)
+    assert all(a["return_values"]["error"] == "" for a in portal.answers.values())
+    assert len(portal.contacts) == len(tokens)
+    assert len({c["ORIGIN_ID"] for c in portal.contacts}) == len(tokens)
+    answered_ids = sorted(int(a["return_values"]["contact_id"]) for a in portal.answers.values())
+    assert answered_ids == sorted(c["ID"] for c in portal.contacts)
+    secrets = {portal.config.client_secret, portal.application_token, *tokens}
+    stored = json.loads((tmp_path / "tokens.json").read_text())["portals"][portal.config.member_id]
+    secrets |= {stored["access_token"], stored["refresh_token"]}
+    logged = log.read_text()
+    assert [s for s in secrets if s in logged] == []
