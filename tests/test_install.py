@@ -30,7 +30,8 @@ async def test_install_event_stores_tokens_and_registers_robot(
     record = stored(settings)[portal.config.member_id]
     assert record["application_token"] == portal.application_token
     assert record["client_endpoint"] == portal.client_endpoint
-    assert record["refresh_token"] and record["access_token"]
+    assert record["refresh_token"]
+    assert record["access_token"]
     if os.name == "posix":
         assert stat.S_IMODE(settings.token_file.stat().st_mode) == 0o600
     robot = portal.robots["create_contact"]
@@ -108,9 +109,7 @@ async def test_install_naming_our_domain_with_a_foreign_endpoint_is_refused(
     assert not settings.token_file.exists()
 
 
-async def test_install_without_settings_is_refused_with_503(
-    tmp_path: Path, portal: FakePortal
-) -> None:
+async def test_install_without_settings_is_refused_with_503(tmp_path: Path, portal: FakePortal) -> None:
     from asgi_lifespan import LifespanManager
 
     from config import get_settings

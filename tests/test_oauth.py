@@ -1,6 +1,7 @@
 """The OAuth authorization-code grant through the fake portal's real HTTP endpoints."""
 
 import json
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -12,6 +13,13 @@ from tests.conftest import APP_URL
 from tests.fake_portal import FakePortal
 
 pytestmark = pytest.mark.anyio
+
+
+async def get_with_nonce(client: httpx.AsyncClient, nonce: str, url: str, **kwargs: Any) -> httpx.Response:
+    """A request from the browser holding `nonce` in its login cookie."""
+    client.cookies.clear()
+    client.cookies.set(NONCE_COOKIE, nonce)
+    return await client.get(url, **kwargs)
 
 
 async def start_login(client: httpx.AsyncClient) -> tuple[str, str]:
@@ -45,7 +53,7 @@ async def test_callback_exchanges_the_code_and_stores_tokens(
     redirect, nonce = await start_login(client)
     assert redirect.startswith(f"{APP_URL}/app?")
 
-    response = await client.get(redirect.removeprefix(APP_URL), cookies={NONCE_COOKIE: nonce})
+    response = await get_with_nonce(client, nonce, redirect.removeprefix(APP_URL))
 
     assert response.status_code == 200, response.text
     record = json.loads(settings.token_file.read_text())["portals"][portal.config.member_id]
@@ -57,9 +65,9 @@ async def test_callback_exchanges_the_code_and_stores_tokens(
 async def test_state_is_single_use(client: httpx.AsyncClient, portal: FakePortal) -> None:
     redirect, nonce = await start_login(client)
     path = redirect.removeprefix(APP_URL).replace("/app?", "/oauth/callback?")
-    await client.get(path, cookies={NONCE_COOKIE: nonce})
+    await get_with_nonce(client, nonce, path)
 
-    again = await client.get(path, cookies={NONCE_COOKIE: nonce})
+    again = await get_with_nonce(client, nonce, path)
 
     assert again.status_code == 400
     assert portal.stats["code_exchanges"] == 1
@@ -73,15 +81,16 @@ async def test_bad_state_is_refused_and_no_code_is_exchanged(
     query = parse_qs(urlsplit(redirect).query)
     code, state = query["code"][0], query["state"][0]
     params = {"code": code, "state": state}
-    cookies = {NONCE_COOKIE: nonce}
     if tamper == "wrong_state":
         params["state"] = state[::-1]
     elif tamper == "no_state":
         del params["state"]
     else:
-        cookies = {NONCE_COOKIE: "another-browser"}
+        nonce = "another-browser"
 
-    response = await client.get("/oauth/callback", params=params, cookies=cookies, headers={"Accept": "text/html"})
+    response = await get_with_nonce(
+        client, nonce, "/oauth/callback", params=params, headers={"Accept": "text/html"}
+    )
 
     assert response.status_code == 400
     assert "text/html" in response.headers["content-type"]
@@ -89,7 +98,9 @@ async def test_bad_state_is_refused_and_no_code_is_exchanged(
     assert not settings.token_file.exists()
 
 
-async def test_login_for_another_domain_is_refused_when_a_portal_is_configured(client: httpx.AsyncClient) -> None:
+async def test_login_for_another_domain_is_refused_when_a_portal_is_configured(
+    client: httpx.AsyncClient,
+) -> None:
     response = await client.get("/oauth/login", params={"domain": "evil.bitrix24.ru"})
 
     assert response.status_code == 403

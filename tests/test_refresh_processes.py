@@ -36,20 +36,27 @@ def test_two_processes_refresh_once_and_leave_a_readable_file(tmp_path: Path, po
     from schemas import PortalTokens
 
     settings = make_settings(tmp_path, portal)
-    query, body = portal.iframe_install()
+    _, body = portal.iframe_install()
     fields = dict(pair.split("=", 1) for pair in body.split("&"))
     record = PortalTokens(
-        member_id=portal.config.member_id, domain=portal.domain, client_endpoint=portal.client_endpoint,
-        access_token=fields["AUTH_ID"], refresh_token=fields["REFRESH_ID"], expires_at=time.time() + 3600,
+        member_id=portal.config.member_id,
+        domain=portal.domain,
+        client_endpoint=portal.client_endpoint,
+        access_token=fields["AUTH_ID"],
+        refresh_token=fields["REFRESH_ID"],
+        expires_at=time.time() + 3600,
     )
-    settings.token_file.write_text(json.dumps({"version": 1, "portals": {record.member_id: record.model_dump()}}))
+    settings.token_file.write_text(
+        json.dumps({"version": 1, "portals": {record.member_id: record.model_dump()}})
+    )
     portal.expire_access_tokens()
     start_at = str(time.time() + 1.5)
     argv = [sys.executable, "-c", SCRIPT, start_at, portal.config.member_id]
     env = app_env(portal, "http://127.0.0.1:9", TOKEN_FILE=str(settings.token_file))
 
     workers = [
-        subprocess.Popen(argv, cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)
+        subprocess.Popen(argv, cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(2)
     ]
     outputs = [worker.communicate(timeout=60) for worker in workers]
 

@@ -77,7 +77,9 @@ async def test_first_name_alone_is_enough(installed: httpx.AsyncClient, portal: 
     assert portal.contacts[0]["NAME"] == "Anna"
 
 
-async def test_same_event_token_twice_creates_one_contact(installed: httpx.AsyncClient, portal: FakePortal) -> None:
+async def test_same_event_token_twice_creates_one_contact(
+    installed: httpx.AsyncClient, portal: FakePortal
+) -> None:
     token, body = portal.robot_call_body(GOOD)
 
     first = await post_form(installed, "/robot", body)
@@ -154,7 +156,9 @@ async def test_expired_access_token_is_refreshed_once(
     assert settings.token_file.read_text() != before
 
 
-async def test_dead_refresh_token_still_answers_the_workflow(installed: httpx.AsyncClient, portal: FakePortal) -> None:
+async def test_dead_refresh_token_still_answers_the_workflow(
+    installed: httpx.AsyncClient, portal: FakePortal
+) -> None:
     portal.expire_access_tokens()
     portal.fail_next("oauth.token", 400, "invalid_grant", "Invalid grant", times=5)
     token, body = portal.robot_call_body(GOOD)
@@ -177,7 +181,9 @@ async def test_unknown_portal_is_refused_with_401(installed: httpx.AsyncClient, 
     assert response.json()["error"] == "unknown_portal"
 
 
-async def test_wrong_application_token_is_refused_with_403(installed: httpx.AsyncClient, portal: FakePortal) -> None:
+async def test_wrong_application_token_is_refused_with_403(
+    installed: httpx.AsyncClient, portal: FakePortal
+) -> None:
     _, body = portal.robot_call_body(GOOD, application_token="f" * 32)
 
     response = await post_form(installed, "/robot", body)
@@ -186,9 +192,13 @@ async def test_wrong_application_token_is_refused_with_403(installed: httpx.Asyn
     assert response.json()["error"] == "invalid_application_token"
 
 
-async def test_call_naming_another_domain_is_refused(installed: httpx.AsyncClient, portal: FakePortal) -> None:
+async def test_call_naming_another_domain_is_refused(
+    installed: httpx.AsyncClient, portal: FakePortal
+) -> None:
     _, body = portal.robot_call_body(GOOD)
-    body = body.replace(f"auth%5Bdomain%5D={quote(portal.domain, safe='')}", "auth%5Bdomain%5D=evil.bitrix24.ru")
+    body = body.replace(
+        f"auth%5Bdomain%5D={quote(portal.domain, safe='')}", "auth%5Bdomain%5D=evil.bitrix24.ru"
+    )
     assert "evil.bitrix24.ru" in body
 
     response = await post_form(installed, "/robot", body)
@@ -216,7 +226,9 @@ async def test_refused_calls_change_nothing(installed: httpx.AsyncClient, portal
         ("%%%garbage&&&==", 400),
     ],
 )
-async def test_body_that_is_no_robot_call_gets_400(installed: httpx.AsyncClient, body: str, status: int) -> None:
+async def test_body_that_is_no_robot_call_gets_400(
+    installed: httpx.AsyncClient, body: str, status: int
+) -> None:
     response = await post_form(installed, "/robot", body)
 
     assert response.status_code == status

@@ -47,7 +47,7 @@ async def test_full_run_logs_no_secret(
                 redirect = (await browser.get(login.headers["location"])).headers["location"]
             params = parse_qs(urlsplit(redirect).query)
             secrets |= {params["code"][0], params["state"][0], login.cookies[NONCE_COOKIE]}
-            await client.get(redirect.removeprefix(APP_URL), cookies={NONCE_COOKIE: login.cookies[NONCE_COOKIE]})
+            await client.get(redirect.removeprefix(APP_URL))  # the client kept the login cookie
             portal.expire_access_tokens()
             for properties in ({"first_name": "Ivan", "phone": "+79991234567"}, {"email": "bad"}):
                 token, body = portal.robot_call_body(properties)

@@ -19,13 +19,17 @@ async def test_health_before_install(client: httpx.AsyncClient) -> None:
     assert body["missing_settings"] == []
 
 
-async def test_health_and_status_page_after_a_robot_run(installed: httpx.AsyncClient, portal: FakePortal) -> None:
+async def test_health_and_status_page_after_a_robot_run(
+    installed: httpx.AsyncClient, portal: FakePortal
+) -> None:
     token, body = portal.robot_call_body({"first_name": "Ivan", "last_name": "Ivanov"})
     await post_form(installed, "/robot", body)
     await answer_for(portal, token)
 
     health = (await installed.get("/health")).json()
-    page = await installed.post("/app", content=b"AUTH_ID=x", headers={"Content-Type": "application/x-www-form-urlencoded"})
+    page = await installed.post(
+        "/app", content=b"AUTH_ID=x", headers={"Content-Type": "application/x-www-form-urlencoded"}
+    )
 
     assert health["portal_connected"] is True
     assert health["robot_registered"] is True

@@ -28,7 +28,9 @@ async def test_forged_uninstall_is_refused_and_keeps_the_tokens(
 ) -> None:
     before = settings.token_file.read_bytes()
 
-    response = await post_form(installed, "/uninstall", portal.uninstall_event_body(application_token="0" * 32))
+    response = await post_form(
+        installed, "/uninstall", portal.uninstall_event_body(application_token="0" * 32)
+    )
 
     assert response.status_code == 403
     assert settings.token_file.read_bytes() == before
