@@ -69,7 +69,14 @@ class JobWorker:
         by_portal: dict[str, list[Job]] = defaultdict(list)
         for job in jobs:
             by_portal[job.member_id].append(job)
-        await asyncio.gather(*(self._process_portal(member, group) for member, group in by_portal.items()))
+        try:
+            await asyncio.gather(
+                *(self._process_portal(member, group) for member, group in by_portal.items())
+            )
+        except asyncio.CancelledError:
+            # Shutting down: hand the jobs back now, so the next start need not wait for the lease.
+            await self._journal.release([job.id for job in jobs])
+            raise
         return len(jobs)
 
     async def _idle(self) -> None:
