@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 _KEY = re.compile(r"^([^\[\]]+)((?:\[[^\[\]]*\])*)$")
 _SEGMENT = re.compile(r"\[([^\[\]]*)\]")
 MEMBER_ID = r"^[0-9A-Za-z_-]{1,64}$"
+MAX_NESTING = 64  # PHP's `max_input_nesting_level`: deeper keys are dropped, as PHP drops them
 
 
 def parse_php_form(body: bytes | str) -> dict[str, Any]:
@@ -22,7 +23,9 @@ def parse_php_form(body: bytes | str) -> dict[str, Any]:
     text = body.decode("utf-8", errors="replace") if isinstance(body, bytes) else body
     root: dict[str, Any] = {}
     for key, value in parse_qsl(text, keep_blank_values=True):
-        _assign(root, _key_path(key), value)
+        path = _key_path(key)
+        if len(path) <= MAX_NESTING:
+            _assign(root, path, value)
     result: dict[str, Any] = _listify(root)
     return result
 
@@ -75,6 +78,11 @@ class EventAuth(_Wire):
     server_endpoint: str | None = None
     status: str | None = None
     user_id: int | None = None
+
+    @field_validator("expires", "expires_in", "user_id", mode="before")
+    @classmethod
+    def _blank_is_none(cls, value: object) -> object:
+        return None if value == "" else value
 
 
 class InstallEvent(_Wire):

@@ -40,12 +40,21 @@ def normalize_phone(raw: str, default_region: str) -> str:
         number = phonenumbers.parse(raw, default_region)
     except phonenumbers.NumberParseException as exc:
         raise InvalidContactData(f"The phone {_quote(raw)} is not a phone number.") from exc
+    if _letters_as_digits(raw, number):
+        raise InvalidContactData(f"The phone {_quote(raw)} has letters where digits belong.")
     if not phonenumbers.is_valid_number(number):
         raise InvalidContactData(
             f"The phone {_quote(raw)} is not a valid phone number"
             f" (numbers without a country code are read as {default_region})."
         )
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+def _letters_as_digits(raw: str, number: phonenumbers.PhoneNumber) -> bool:
+    # libphonenumber reads letters as a phone keypad would ("8 999 CALL NOW" -> +79992255669).
+    if not any(char.isalpha() for char in raw):
+        return False
+    return phonenumbers.national_significant_number(number) not in phonenumbers.normalize_digits_only(raw)
 
 
 def normalize_email(raw: str) -> str:

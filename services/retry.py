@@ -4,6 +4,7 @@ The client uses it for quick in-request retries; the job worker uses the same nu
 reschedule a job in the journal, so a retry survives a restart.
 """
 
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,8 +25,8 @@ class RetryPolicy:
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         """Seconds to wait before try `attempt + 1`: the server's hint wins when it gives one."""
-        if retry_after is not None:
-            return min(retry_after, self.max_delay)
+        if retry_after is not None and not math.isnan(retry_after):
+            return min(max(retry_after, 0.0), self.max_delay)
         ceiling = min(self.max_delay, self.base_delay * 2**attempt)
         # Jitter spreads out the workers that all hit the limit at the same moment.
         return float(ceiling * (0.5 + self.rand() / 2))

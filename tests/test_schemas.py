@@ -1,0 +1,210 @@
+"""parse_php_form and the callback models, on raw bodies exactly as the portal sends them."""
+
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from schemas import InstallEvent, RobotCall, UninstallEvent, parse_php_form
+
+# bitrix24-wire.md section 1.2: ONAPPINSTALL as the queue server posts it.
+INSTALL_BODY = (
+    "event=ONAPPINSTALL&data%5BVERSION%5D=1&data%5BACTIVE%5D=Y&data%5BINSTALLED%5D=Y&"
+    "data%5BLANGUAGE_ID%5D=ru&ts=1696527000&auth%5Baccess_token%5D=s6p6eclrvim6da22ft9ch94ekreb52lv&"
+    "auth%5Bexpires%5D=1696530600&auth%5Bexpires_in%5D=3600&auth%5Bscope%5D=crm%2Cbizproc&"
+    "auth%5Bdomain%5D=example.bitrix24.ru&"
+    "auth%5Bserver_endpoint%5D=https%3A%2F%2Foauth.bitrix.info%2Frest%2F&auth%5Bstatus%5D=L&"
+    "auth%5Bclient_endpoint%5D=https%3A%2F%2Fexample.bitrix24.ru%2Frest%2F&"
+    "auth%5Bmember_id%5D=a223c6b3710f85df22e9377d6c4f7553&auth%5Buser_id%5D=1&"
+    "auth%5Brefresh_token%5D=4s386p3q0tr8dy89xvmt96234v3dljg8&"
+    "auth%5Bapplication_token%5D=51856fefc120afa4b628cc82d3935cce"
+)
+
+# bitrix24-wire.md section 1.5: the wire form there elides the auth values ("…"); they are filled in
+# from the JSON rendering of the same section.
+UNINSTALL_BODY = (
+    "event=ONAPPUNINSTALL&data%5BLANGUAGE_ID%5D=ru&data%5BCLEAN%5D=1&ts=1466439714&"
+    "auth%5Bdomain%5D=some-domain.bitrix24.com&"
+    "auth%5Bserver_endpoint%5D=https%3A%2F%2Foauth.bitrix.info%2Frest%2F&"
+    "auth%5Bclient_endpoint%5D=https%3A%2F%2Fsome-domain.bitrix24.com%2Frest%2F&"
+    "auth%5Bmember_id%5D=a223c6b3710f85df22e9377d6c4f7553&"
+    "auth%5Bapplication_token%5D=51856fefc120afa4b628cc82d3935cce"
+)
+
+# bitrix24-wire.md section 6.3: the robot call.
+ROBOT_BODY = (
+    "workflow_id=664fa13bbbb410.99176768&code=create_contact&document_id%5B0%5D=crm&"
+    "document_id%5B1%5D=CCrmDocumentDeal&document_id%5B2%5D=DEAL_4521&document_type%5B0%5D=crm&"
+    "document_type%5B1%5D=CCrmDocumentDeal&document_type%5B2%5D=DEAL&"
+    "event_token=664fa13bbbb410.99176768%7CA40364_79843_85254_57332%7CMS1ekdI0CvXi8ycL8qNIn96hak8JEndG."
+    "54020ce210345fb6eb12a79d75316d9430b42ccd9c1d82ab1a3bf8b064ec50e9&"
+    "properties%5Blast_name%5D=Ivanov&properties%5Bfirst_name%5D=Ivan&"
+    "properties%5Bsecond_name%5D=Ivanovich&properties%5Bphone%5D=%2B79991234567&"
+    "properties%5Bemail%5D=ivan%40example.com&use_subscription=Y&timeout_duration=660&ts=1716494651&"
+    "auth%5Baccess_token%5D=4baf4f66006e13540058f18a000000100000009b41bce7ec85f07c3646c07e6d629e7c&"
+    "auth%5Bexpires%5D=1716498251&auth%5Bexpires_in%5D=3600&auth%5Bscope%5D=crm%2Cbizproc&"
+    "auth%5Bdomain%5D=example.bitrix24.ru&"
+    "auth%5Bserver_endpoint%5D=https%3A%2F%2Foauth.bitrix.info%2Frest%2F&auth%5Bstatus%5D=L&"
+    "auth%5Bclient_endpoint%5D=https%3A%2F%2Fexample.bitrix24.ru%2Frest%2F&"
+    "auth%5Bmember_id%5D=010b6886ebc205e43ae65000ee00addb&auth%5Buser_id%5D=1&"
+    "auth%5Brefresh_token%5D=3b2e7766006e13540058f18a000000100000003b31a96730e79dc7561c1d7d0b33933f&"
+    "auth%5Bapplication_token%5D=f9ac5db5ad4adbdee13eb034207d8fbd"
+)
+
+EVENT_TOKEN = (
+    "664fa13bbbb410.99176768|A40364_79843_85254_57332|MS1ekdI0CvXi8ycL8qNIn96hak8JEndG."
+    "54020ce210345fb6eb12a79d75316d9430b42ccd9c1d82ab1a3bf8b064ec50e9"
+)
+
+
+def _without(body: str, key: str) -> str:
+    return "&".join(pair for pair in body.split("&") if not pair.startswith(key + "="))
+
+
+def test_install_body_nests_auth_and_data() -> None:
+    parsed = parse_php_form(INSTALL_BODY)
+
+    assert parsed["event"] == "ONAPPINSTALL"
+    assert parsed["data"] == {"VERSION": "1", "ACTIVE": "Y", "INSTALLED": "Y", "LANGUAGE_ID": "ru"}
+    assert parsed["auth"]["member_id"] == "a223c6b3710f85df22e9377d6c4f7553"
+    assert parsed["auth"]["client_endpoint"] == "https://example.bitrix24.ru/rest/"
+    assert parsed["auth"]["scope"] == "crm,bizproc"
+
+
+def test_uninstall_body_nests_auth_without_tokens() -> None:
+    parsed = parse_php_form(UNINSTALL_BODY)
+
+    assert parsed["data"] == {"LANGUAGE_ID": "ru", "CLEAN": "1"}
+    assert set(parsed["auth"]) == {
+        "domain",
+        "server_endpoint",
+        "client_endpoint",
+        "member_id",
+        "application_token",
+    }
+
+
+def test_robot_body_decodes_event_token_and_properties() -> None:
+    parsed = parse_php_form(ROBOT_BODY.encode())
+
+    assert parsed["event_token"] == EVENT_TOKEN
+    assert parsed["properties"] == {
+        "last_name": "Ivanov",
+        "first_name": "Ivan",
+        "second_name": "Ivanovich",
+        "phone": "+79991234567",
+        "email": "ivan@example.com",
+    }
+
+
+def test_numbered_keys_become_a_list_in_index_order() -> None:
+    parsed = parse_php_form(
+        "document_id%5B2%5D=DEAL_4521&document_id%5B0%5D=crm&document_id%5B1%5D=CCrmDocumentDeal"
+    )
+
+    assert parsed["document_id"] == ["crm", "CCrmDocumentDeal", "DEAL_4521"]
+
+
+def test_keys_with_gaps_stay_a_mapping() -> None:
+    assert parse_php_form("a[0]=x&a[2]=y") == {"a": {"0": "x", "2": "y"}}
+
+
+def test_empty_brackets_append() -> None:
+    assert parse_php_form("a[]=x&a[]=y&a%5B%5D=z") == {"a": ["x", "y", "z"]}
+
+
+def test_empty_brackets_append_nested_objects() -> None:
+    parsed = parse_php_form("phones[][VALUE]=1&phones[][VALUE]=2")
+
+    assert parsed == {"phones": [{"VALUE": "1"}, {"VALUE": "2"}]}
+
+
+def test_multiple_property_values_become_a_list() -> None:
+    parsed = parse_php_form("properties[phone][0]=%2B79991234567&properties[phone][1]=%2B79991234568")
+
+    assert parsed["properties"]["phone"] == ["+79991234567", "+79991234568"]
+
+
+def test_blank_values_are_kept() -> None:
+    assert parse_php_form("properties[email]=&code=x") == {"properties": {"email": ""}, "code": "x"}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"\xff\xfe\x00garbage",
+        b"%%%&&&===",
+        b"a[=1&]b=2&[x]=3&a]]=4&a[b]c=5",
+        b"a=1&a[b]=2&a[b][c]=3&a[]=4",
+        b'{"event_token": "json, not a form"}',
+        ("a" + "[x]" * 5000 + "=deep").encode(),
+        b"a[]=" * 20000,
+    ],
+)
+def test_garbage_never_raises(body: bytes) -> None:
+    assert isinstance(parse_php_form(body), dict)
+
+
+def test_keys_nested_beyond_php_limit_are_dropped() -> None:
+    parsed = parse_php_form("a" + "[x]" * 100 + "=deep&ok=1")
+
+    assert parsed == {"ok": "1"}
+
+
+def test_robot_call_validates_the_wire_body() -> None:
+    call = RobotCall.model_validate(parse_php_form(ROBOT_BODY))
+
+    assert call.event_token == EVENT_TOKEN
+    assert call.workflow_id == "664fa13bbbb410.99176768"
+    assert call.document_id == ["crm", "CCrmDocumentDeal", "DEAL_4521"]
+    assert call.document_type == ["crm", "CCrmDocumentDeal", "DEAL"]
+    assert call.timeout_duration == 660
+    assert call.auth.member_id == "010b6886ebc205e43ae65000ee00addb"
+    assert call.auth.application_token == "f9ac5db5ad4adbdee13eb034207d8fbd"
+    assert call.auth.user_id == 1
+    assert call.auth.expires == 1716498251
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["event_token", "auth%5Bmember_id%5D", "auth%5Bapplication_token%5D", "auth%5Bclient_endpoint%5D"],
+)
+def test_robot_call_without_a_required_field_is_invalid(key: str) -> None:
+    with pytest.raises(ValidationError):
+        RobotCall.model_validate(parse_php_form(_without(ROBOT_BODY, key)))
+
+
+def test_robot_call_rejects_a_member_id_that_is_no_id() -> None:
+    body = ROBOT_BODY.replace("auth%5Bmember_id%5D=010b", "auth%5Bmember_id%5D=..%2F010b")
+
+    with pytest.raises(ValidationError):
+        RobotCall.model_validate(parse_php_form(body))
+
+
+def test_install_event_validates_the_wire_body() -> None:
+    event = InstallEvent.model_validate(parse_php_form(INSTALL_BODY))
+
+    assert event.event == "ONAPPINSTALL"
+    assert event.auth.refresh_token == "4s386p3q0tr8dy89xvmt96234v3dljg8"
+    assert event.auth.application_token == "51856fefc120afa4b628cc82d3935cce"
+    assert event.auth.expires_in == 3600
+    assert event.data["LANGUAGE_ID"] == "ru"
+
+
+def test_install_event_refuses_another_event() -> None:
+    with pytest.raises(ValidationError):
+        InstallEvent.model_validate(parse_php_form(UNINSTALL_BODY))
+
+
+def test_uninstall_event_validates_the_wire_body() -> None:
+    event = UninstallEvent.model_validate(parse_php_form(UNINSTALL_BODY))
+
+    assert event.auth.member_id == "a223c6b3710f85df22e9377d6c4f7553"
+    assert event.auth.access_token is None
+
+
+def test_install_event_accepts_lower_case_event_name() -> None:
+    data: dict[str, Any] = parse_php_form(INSTALL_BODY.replace("event=ONAPPINSTALL", "event=onappinstall"))
+
+    assert InstallEvent.model_validate(data).event == "ONAPPINSTALL"
