@@ -84,10 +84,7 @@ class JsonTokenStore:
             lock = FileLock(
                 self._path.with_name(f"{self._path.name}.{member_id}.refresh.lock"), thread_local=False
             )
-            try:
-                await asyncio.to_thread(lock.acquire, timeout=_LOCK_TIMEOUT)
-            except Timeout as exc:
-                raise TokenStoreError(f"Timed out waiting for the refresh lock of {member_id}") from exc
+            await _acquire_polling(lock, member_id)
             try:
                 yield
             finally:
@@ -99,10 +96,13 @@ class JsonTokenStore:
 
     def _mutate(self, change: Callable[[Records], Any]) -> None:
         lock = FileLock(self._write_lock_path, thread_local=False)
-        with self._thread_lock, lock.acquire(timeout=_LOCK_TIMEOUT):
-            records = dict(self._load(fresh=True))
-            change(records)
-            self._write(records)
+        try:
+            with self._thread_lock, lock.acquire(timeout=_LOCK_TIMEOUT):
+                records = dict(self._load(fresh=True))
+                change(records)
+                self._write(records)
+        except Timeout as exc:
+            raise TokenStoreError(f"Timed out waiting for the lock on {self._path}") from exc
 
     def _load(self, fresh: bool) -> Records:
         try:
@@ -124,6 +124,20 @@ class JsonTokenStore:
         _atomic_write(self._path, json.dumps(payload, indent=2, ensure_ascii=False))
         stat = self._path.stat()
         self._cache = ((stat.st_mtime_ns, stat.st_size), records)
+
+
+async def _acquire_polling(lock: FileLock, member_id: str) -> None:
+    """Take the file lock without a blocked thread: a cancelled task must not leave one behind."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + _LOCK_TIMEOUT
+    while True:
+        try:
+            lock.acquire(blocking=False)
+            return
+        except Timeout:
+            if loop.time() > deadline:
+                raise TokenStoreError(f"Timed out waiting for the refresh lock of {member_id}") from None
+            await asyncio.sleep(0.02)
 
 
 def _parse(path: Path) -> Records:

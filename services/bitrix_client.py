@@ -116,6 +116,7 @@ class PortalNotConnected(BitrixError):
 
 _AUTH_CODES = {"NO_AUTH_FOUND", "INVALID_TOKEN", "INVALID_CREDENTIALS", "WRONG_AUTH_TYPE"}
 _RATE_CODES = {"QUERY_LIMIT_EXCEEDED", "OPERATION_TIME_LIMIT", "OVERLOAD_LIMIT"}
+_PERMANENT_CODES = {"PORTAL_DELETED"}  # a 500 that no retry will fix
 _SERVER_CODES = {"INTERNAL_SERVER_ERROR", "ERROR_UNEXPECTED_ANSWER"}
 _OAUTH_ERRORS: dict[str, type[OAuthError]] = {
     "invalid_grant": OAuthInvalidGrant,
@@ -135,6 +136,8 @@ def api_error(status_code: int, error: str, description: str, method: str) -> Bi
         cls = BitrixAuthError
     elif code in _RATE_CODES or (status_code in (429, 503) and not code):
         cls = BitrixRateLimitError
+    elif code in _PERMANENT_CODES:
+        cls = BitrixApiError
     elif code == "ACCESS_DENIED":
         cls = BitrixAccessDenied
     elif code in _SERVER_CODES or status_code >= 500:
@@ -267,9 +270,15 @@ class BitrixClient:
             if record.access_token != stale_token and not record.expires_within(margin):
                 return record
             logger.info("Refreshing the access token of portal %s", record.domain)
-            reply = await self._token_request(
-                {"grant_type": "refresh_token", "refresh_token": record.refresh_token}
-            )
+            try:
+                reply = await self._token_request(
+                    {"grant_type": "refresh_token", "refresh_token": record.refresh_token}
+                )
+            except OAuthError as exc:
+                logger.error(
+                    "Refreshing the token of portal %s failed: %s. %s", record.domain, exc, exc.admin_hint
+                )
+                raise
             updated = record.with_tokens(reply)
             # Persist before replaying: the old refresh token is already dead on the server.
             await self._tokens.save(updated)

@@ -23,7 +23,7 @@ _KEYS = (
 )
 _OPEN, _CLOSE = r"(?:\[|%5B)", r"(?:\]|%5D)"
 _BY_KEY = re.compile(
-    rf"(?i)((?<![A-Za-z0-9_])(?:{_KEYS})(?:{_CLOSE})?[\"']?\s*(?:=|:)\s*[\"']?)([^&\s\"',}}\]]+)"
+    rf"(?i)((?<![A-Za-z0-9_])(?:{_KEYS})(?:{_CLOSE})?[\"']?\s*(?:=>|=|:)\s*[\"']?)([^&\s\"',}}\]]+)"
 )
 _BRACKETED = re.compile(rf"(?i)({_OPEN}(?:{_KEYS}){_CLOSE}=)([^&\s]+)")
 _EVENT_TOKEN = re.compile(r"[\w.]+(?:\||%7C)A[\w]+(?:\||%7C)[\w]+\.[0-9a-f]{16,}")
