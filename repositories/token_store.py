@@ -62,10 +62,23 @@ class JsonTokenStore:
 
     async def get(self, member_id: str, *, fresh: bool = False) -> PortalTokens | None:
         """The portal's record; `fresh` bypasses the cache (another process may have written)."""
-        return (await asyncio.to_thread(self._read, fresh)).get(member_id)
+        return (await self._records(fresh)).get(member_id)
 
     async def list(self) -> list[PortalTokens]:
-        return list((await asyncio.to_thread(self._read, False)).values())
+        return list((await self._records(False)).values())
+
+    async def _records(self, fresh: bool) -> Records:
+        # Every robot call reads the store: an unchanged file is served from memory after one
+        # stat() (microseconds), without the thread hop that reading and parsing would need.
+        cache = self._cache
+        if not fresh and cache is not None:
+            try:
+                stat = self._path.stat()
+            except FileNotFoundError:
+                stat = None
+            if stat is not None and cache[0] == (stat.st_mtime_ns, stat.st_size):
+                return cache[1]
+        return await asyncio.to_thread(self._read, fresh)
 
     async def save(self, record: PortalTokens) -> None:
         await asyncio.to_thread(self._mutate, lambda records: records.__setitem__(record.member_id, record))
