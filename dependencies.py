@@ -10,7 +10,7 @@ from config import Settings, get_settings
 from repositories.job_journal import JobJournal
 from repositories.oauth_state_store import OAuthStateStore
 from repositories.token_store import TokenStore
-from schemas import IframeInstall, InstallEvent, RobotCall, UninstallEvent, parse_php_form
+from schemas import AppFrame, IframeInstall, InstallEvent, RobotCall, UninstallEvent, parse_php_form
 from services.bitrix_client import BitrixClient
 from services.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 from services.processing import ProcessingService
@@ -109,6 +109,19 @@ async def install_form(request: Request, form: FormDep) -> InstallEvent | Iframe
     )
 
 
+async def app_frame_form(request: Request) -> AppFrame | None:
+    """The portal's frame POST, if that is what this is; anything else shows the public page."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != FORM_TYPE:
+        return None
+    form = await read_form(request)
+    query = {key: request.query_params[key] for key in ("DOMAIN", "PROTOCOL") if key in request.query_params}
+    try:
+        return AppFrame.model_validate({**form, **query})
+    except ValidationError:
+        return None
+
+
 async def uninstall_form(form: FormDep) -> UninstallEvent:
     return validated(UninstallEvent, form, "ONAPPUNINSTALL event")
 
@@ -116,3 +129,4 @@ async def uninstall_form(form: FormDep) -> UninstallEvent:
 RobotCallDep = Annotated[RobotCall, Depends(robot_call_form)]
 InstallDep = Annotated[InstallEvent | IframeInstall, Depends(install_form)]
 UninstallDep = Annotated[UninstallEvent, Depends(uninstall_form)]
+AppFrameDep = Annotated[AppFrame | None, Depends(app_frame_form)]

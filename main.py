@@ -31,6 +31,7 @@ from services.retry import RetryPolicy
 from services.worker import JobWorker
 
 logger = logging.getLogger(__name__)
+_HTTP_CODES = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
@@ -78,8 +79,8 @@ def _report_settings(settings: Settings) -> None:
     missing = settings.missing()
     if missing:
         logger.warning(
-            "Settings missing: %s. /health works, but installs and robot calls are refused until you set "
-            "them in .env (see .env.example) and restart.",
+            "Settings missing: %s. /health and the status page work, but installs and OAuth are refused "
+            "until you set them in .env (see .env.example) and restart.",
             ", ".join(missing),
         )
     logger.info(
@@ -154,7 +155,8 @@ def register_exception_handlers(app: FastAPI) -> None:
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
-        return _error_response(request, exc.status_code, "http_error", str(exc.detail))
+        code = _HTTP_CODES.get(exc.status_code, ErrorCode.HTTP_ERROR)
+        return _error_response(request, exc.status_code, code, str(exc.detail))
 
     async def upstream_error(request: Request, exc: Exception) -> Response:
         logger.error("Bitrix24 failure on %s: %s", request.url.path, exc)

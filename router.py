@@ -5,7 +5,14 @@ from typing import Annotated
 from fastapi import APIRouter, Cookie
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
-from dependencies import InstallDep, ProcessingServiceDep, RobotCallDep, SettingsDep, UninstallDep
+from dependencies import (
+    AppFrameDep,
+    InstallDep,
+    ProcessingServiceDep,
+    RobotCallDep,
+    SettingsDep,
+    UninstallDep,
+)
 from schemas import Health, InstallEvent, RobotAck
 from services import pages
 
@@ -62,13 +69,13 @@ async def app_page(
     """The app's handler path: the OAuth callback when `code` is present, else the status page."""
     if code is not None or state is not None:
         return await oauth_callback(service, nonce, code, state)
-    return HTMLResponse(pages.status_page(await service.health(), await service.recent_runs()))
+    return HTMLResponse(pages.status_page(await service.status_report(None)))
 
 
 @router.post("/app")
-async def app_frame(service: ProcessingServiceDep) -> HTMLResponse:
-    """The app opened inside the portal: its status page."""
-    return HTMLResponse(pages.status_page(await service.health(), await service.recent_runs()))
+async def app_frame(frame: AppFrameDep, service: ProcessingServiceDep) -> HTMLResponse:
+    """The app opened inside the portal: its status page, in full for that portal's users."""
+    return HTMLResponse(pages.status_page(await service.status_report(frame)))
 
 
 @router.post("/robot")

@@ -252,5 +252,32 @@ class Health(BaseModel):
     robot_registered: bool
     missing_settings: list[str]
     token_store_error: str | None = None
-    portals: list[PortalStatus]
     queue: QueueStats
+
+
+class StatusReport(BaseModel):
+    """The status page: portal details and recent runs only for a verified portal user."""
+
+    health: Health
+    portals: list[PortalStatus] = Field(default_factory=list)
+    runs: list[RobotRun] = Field(default_factory=list)
+    verified: bool = False
+
+
+class AppFrame(_Wire):
+    """The POST the portal sends when a user opens the app in its frame."""
+
+    member_id: str = Field(pattern=MEMBER_ID)
+    APPLICATION_TOKEN: str = Field(min_length=1, max_length=256)
+    DOMAIN: str = Field(min_length=1, max_length=255)
+    PROTOCOL: Literal["0", "1"] = "1"
+
+    def as_auth(self) -> EventAuth:
+        """The frame's credentials in the shape every callback check takes."""
+        scheme = "https" if self.PROTOCOL == "1" else "http"
+        return EventAuth(
+            domain=self.DOMAIN,
+            client_endpoint=f"{scheme}://{self.DOMAIN}/rest/",
+            member_id=self.member_id,
+            application_token=self.APPLICATION_TOKEN,
+        )

@@ -9,6 +9,7 @@ expired (its worker died) is claimed again.
 
 import asyncio
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -107,7 +108,7 @@ class SqliteJobJournal:
 
     def __init__(self, path: Path) -> None:
         self._path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
+        create_private(path)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.row_factory = sqlite3.Row
         self._lock = threading.Lock()
@@ -264,6 +265,15 @@ class SqliteJobJournal:
     async def _fetchone(self, sql: str, params: tuple[Any, ...]) -> sqlite3.Row | None:
         rows = await asyncio.to_thread(self._fetchall, sql, params)
         return rows[0] if rows else None
+
+
+def create_private(path: Path) -> None:
+    """Create the database file readable by its owner only: it holds event and access tokens.
+
+    SQLite gives its -wal and -shm files the same permissions.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
 
 
 def _job(row: sqlite3.Row) -> Job:

@@ -6,11 +6,14 @@ worker process and a used state can never be replayed.
 
 import asyncio
 import hashlib
+import hmac
 import sqlite3
 import threading
 import time
 from pathlib import Path
 from typing import Protocol
+
+from repositories.job_journal import create_private
 
 
 class OAuthStateStore(Protocol):
@@ -27,7 +30,7 @@ def _digest(value: str) -> str:
 
 class SqliteOAuthStateStore:
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        create_private(path)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
         self._lock = threading.Lock()
         with self._lock:
@@ -60,7 +63,7 @@ class SqliteOAuthStateStore:
                 "DELETE FROM oauth_states WHERE state_hash = ? RETURNING nonce_hash, portal_url, expires_at",
                 (state_hash,),
             ).fetchone()
-        if row is None or row[2] < time.time() or row[0] != nonce_hash:
+        if row is None or row[2] < time.time() or not hmac.compare_digest(row[0], nonce_hash):
             return None
         return str(row[1])
 

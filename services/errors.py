@@ -29,6 +29,9 @@ class ErrorCode(StrEnum):
     NOT_CONFIGURED = "not_configured"
     STORAGE_ERROR = "storage_error"
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"
+    NOT_FOUND = "not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    HTTP_ERROR = "http_error"
 
 
 class AppError(Exception):

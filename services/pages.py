@@ -3,7 +3,7 @@
 import time
 from html import escape
 
-from schemas import Health, RobotRun
+from schemas import Health, PortalStatus, RobotRun, StatusReport
 
 _STYLE = (
     "body{font-family:system-ui,sans-serif;margin:2rem;color:#222}"
@@ -34,10 +34,22 @@ def message_page(title: str, message: str, ok: bool = True) -> str:
     return _page(title, f'<p class="{css}">{escape(message)}</p>')
 
 
-def status_page(health: Health, runs: list[RobotRun]) -> str:
-    """The app's status: settings, portals, queue and the last robot runs (no secrets)."""
-    parts = [_settings_section(health), _portals_section(health), _queue_section(health), _runs_section(runs)]
+def status_page(report: StatusReport) -> str:
+    """The app's status: settings and queue for anyone; portals and runs for the portal's users."""
+    health = report.health
+    parts = [_settings_section(health), _connection_section(health), _queue_section(health)]
+    if report.verified:
+        parts += [_portals_section(report.portals), _runs_section(report.runs)]
+    else:
+        parts.append("<p>Open the app from your Bitrix24 portal to see its portals and last robot runs.</p>")
     return _page("Bitrix24 contact robot", "".join(parts))
+
+
+def _connection_section(health: Health) -> str:
+    if not health.portal_connected:
+        return '<p class="bad">No portal connected yet: install the app in the portal.</p>'
+    robot = "registered" if health.robot_registered else "not registered: install the app again"
+    return f'<p class="ok">A portal is connected; the robot is {robot}.</p>'
 
 
 def _settings_section(health: Health) -> str:
@@ -50,14 +62,14 @@ def _settings_section(health: Health) -> str:
     return "".join(notes) or '<p class="ok">Settings complete.</p>'
 
 
-def _portals_section(health: Health) -> str:
-    if not health.portals:
-        return '<p class="bad">No portal connected yet: install the app in the portal.</p>'
+def _portals_section(portals: list[PortalStatus]) -> str:
+    if not portals:
+        return ""
     rows = "".join(
         f"<tr><td>{escape(p.domain)}</td><td>{escape(p.member_id)}</td>"
         f"<td>{'yes' if p.can_refresh else 'no'}</td><td>{p.token_valid_for_seconds}s</td>"
         f"<td>{'yes' if p.robot_registered else 'no'}</td></tr>"
-        for p in health.portals
+        for p in portals
     )
     head = "<tr><th>Portal</th><th>member_id</th><th>Connected</th><th>Token valid</th><th>Robot</th></tr>"
     return f"<h2>Portals</h2><table>{head}{rows}</table>"

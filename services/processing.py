@@ -12,6 +12,7 @@ from repositories.job_journal import JobJournal, NewJob
 from repositories.oauth_state_store import OAuthStateStore
 from repositories.token_store import TokenStore, TokenStoreError
 from schemas import (
+    AppFrame,
     Health,
     IframeInstall,
     InstallEvent,
@@ -19,7 +20,7 @@ from schemas import (
     PortalTokens,
     RobotAck,
     RobotCall,
-    RobotRun,
+    StatusReport,
     TokenResponse,
     UninstallEvent,
     expiry,
@@ -33,6 +34,7 @@ from services.bitrix_client import (
 )
 from services.contact_validation import InvalidContactData, contact_fields
 from services.errors import (
+    AppError,
     BadRequest,
     ForeignPortal,
     InstallRejected,
@@ -289,23 +291,36 @@ class ProcessingService:
 
     async def health(self) -> Health:
         """Whether a portal is connected, the robot registered, and how the queue stands."""
-        store_error = None
-        try:
-            records = await self._tokens.list()
-        except TokenStoreError as exc:
-            records, store_error = [], str(exc)
-        portals = [_portal_status(record) for record in records]
+        portals, store_error = await self._portal_statuses()
         return Health(
             portal_connected=any(p.can_refresh for p in portals),
             robot_registered=any(p.robot_registered for p in portals),
             missing_settings=self._settings.missing(),
             token_store_error=store_error,
-            portals=portals,
             queue=await self._journal.stats(),
         )
 
-    async def recent_runs(self, limit: int = 20) -> list[RobotRun]:
-        return await self._journal.recent(limit)
+    async def status_report(self, frame: AppFrame | None) -> StatusReport:
+        """The status page; portal details and recent runs only for a user inside that portal."""
+        health = await self.health()
+        if frame is None or not await self._is_portal_frame(frame):
+            return StatusReport(health=health)
+        portals, _ = await self._portal_statuses()
+        runs = await self._journal.recent(20)
+        return StatusReport(health=health, portals=portals, runs=runs, verified=True)
+
+    async def _is_portal_frame(self, frame: AppFrame) -> bool:
+        try:
+            verify_callback(self._settings, await self._get(frame.member_id), frame.as_auth())
+        except AppError:
+            return False
+        return True
+
+    async def _portal_statuses(self) -> tuple[list[PortalStatus], str | None]:
+        try:
+            return [_portal_status(record) for record in await self._tokens.list()], None
+        except TokenStoreError as exc:
+            return [], str(exc)
 
     # --- helpers -------------------------------------------------------------------------------
 

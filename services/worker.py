@@ -12,9 +12,13 @@ import hashlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
+from urllib.parse import urlsplit
+
+from filelock import FileLock, Timeout
 
 from config import Settings
 from repositories.job_journal import Job, JobJournal
@@ -27,7 +31,9 @@ logger = logging.getLogger(__name__)
 BATCH_LIMIT = 50  # Bitrix24 runs at most 50 commands in one `batch`
 ORIGINATOR_ID = "bitrix24-robot-app"
 _ADD_SHARE = 0.75  # of a job's budget spent creating the contact; the rest is for the answer
-_IDLE_SECONDS = 5.0
+# Calls accepted by another worker process cannot wake this one: poll the journal this often.
+_IDLE_SECONDS = 0.5
+_LEADER_POLL_SECONDS = 2.0
 
 
 def origin_id(event_token: str) -> str:
@@ -52,7 +58,31 @@ class JobWorker:
 
     async def run(self) -> None:
         """Loop forever; a failed pass is logged and retried, never fatal."""
-        logger.info("Job worker started")
+        async with self._leadership():
+            logger.info("Job worker started")
+            await self._loop()
+
+    @asynccontextmanager
+    async def _leadership(self) -> AsyncIterator[None]:
+        """One worker per journal: with `--workers N` the others only accept calls.
+
+        A single worker keeps one client-side bucket per portal (N workers would each spend the
+        portal's whole rate limit) and makes the biggest batches. If it dies, the OS frees the
+        lock and another process takes over.
+        """
+        lock = FileLock(f"{self._settings.job_db_file}.worker.lock", thread_local=False)
+        while True:
+            try:
+                lock.acquire(blocking=False)
+                break
+            except Timeout:
+                await asyncio.sleep(_LEADER_POLL_SECONDS)
+        try:
+            yield
+        finally:
+            lock.release()
+
+    async def _loop(self) -> None:
         while True:
             try:
                 processed = await self.run_once()
@@ -251,7 +281,7 @@ class JobWorker:
 
     @staticmethod
     def _set_context(job: Job) -> None:
-        portal_var.set(job.member_id)
+        portal_var.set(urlsplit(job.client_endpoint).netloc or job.member_id)
         workflow_var.set(job.workflow_id or "-")
 
 

@@ -1,8 +1,15 @@
 """/health and the status page."""
 
+import os
+import stat
+from pathlib import Path
+
 import httpx
 import pytest
+from asgi_lifespan import LifespanManager
 
+from config import Settings, get_settings
+from main import create_app
 from tests.conftest import answer_for, post_form
 from tests.fake_portal import FakePortal
 
@@ -22,31 +29,67 @@ async def test_health_before_install(client: httpx.AsyncClient) -> None:
 async def test_health_and_status_page_after_a_robot_run(
     installed: httpx.AsyncClient, portal: FakePortal
 ) -> None:
-    token, body = portal.robot_call_body({"first_name": "Ivan", "last_name": "Ivanov"})
+    token, body = portal.robot_call_body({"first_name": "Ivan", "email": "not-an-email"})
     await post_form(installed, "/robot", body)
     await answer_for(portal, token)
+    query, frame = portal.iframe_install()
 
     health = (await installed.get("/health")).json()
-    page = await installed.post(
-        "/app", content=b"AUTH_ID=x", headers={"Content-Type": "application/x-www-form-urlencoded"}
-    )
+    page = await post_form(installed, f"/app?{query}", frame)
 
     assert health["portal_connected"] is True
     assert health["robot_registered"] is True
     assert health["queue"]["done"] == 1
     assert health["queue"]["pending"] == 0
+    assert portal.config.member_id not in str(health)
     assert page.status_code == 200
     assert portal.domain in page.text
-    assert "done" in page.text
+    assert "not-an-email" in page.text  # the last run's error, for the portal's own users
     assert portal.application_token not in page.text
 
 
-async def test_corrupt_token_file_is_reported_not_overwritten(
-    client: httpx.AsyncClient, portal: FakePortal, settings: object
+@pytest.mark.parametrize("forged", ["no_body", "wrong_token"])
+async def test_status_page_shows_no_details_to_strangers(
+    installed: httpx.AsyncClient, portal: FakePortal, forged: str
 ) -> None:
-    from config import Settings
+    token, body = portal.robot_call_body({"first_name": "Ivan", "email": "not-an-email"})
+    await post_form(installed, "/robot", body)
+    await answer_for(portal, token)
+    query, frame = portal.iframe_install()
+    frame = frame.replace(portal.application_token, "0" * 32)
 
-    assert isinstance(settings, Settings)
+    if forged == "no_body":
+        page = await installed.get("/app")
+    else:
+        page = await post_form(installed, f"/app?{query}", frame)
+
+    assert page.status_code == 200
+    assert "A portal is connected" in page.text
+    assert "not-an-email" not in page.text
+    assert portal.config.member_id not in page.text
+
+
+async def test_status_page_without_settings_names_them(tmp_path: Path) -> None:
+    app = create_app()
+    bare = Settings(_env_file=None, token_file=tmp_path / "t.json", job_db_file=tmp_path / "j.sqlite3")  # type: ignore[call-arg]
+    app.dependency_overrides[get_settings] = lambda: bare
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            page = await client.get("/app")
+
+    assert "BITRIX_CLIENT_ID" in page.text
+    assert "BITRIX_CLIENT_SECRET" in page.text
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX")
+async def test_job_journal_is_private(installed: httpx.AsyncClient, settings: Settings) -> None:
+    assert stat.S_IMODE(settings.job_db_file.stat().st_mode) == 0o600
+
+
+async def test_corrupt_token_file_is_reported_not_overwritten(
+    client: httpx.AsyncClient, portal: FakePortal, settings: Settings
+) -> None:
     settings.token_file.write_text("{not json")
 
     health = (await client.get("/health")).json()
