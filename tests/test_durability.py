@@ -59,3 +59,29 @@ def test_kill_9_with_pending_jobs_then_restart_answers_every_workflow_once(
     secrets |= {stored["access_token"], stored["refresh_token"]}
     logged = log.read_text()
     assert [s for s in secrets if s in logged] == []
+
+
+def test_several_worker_processes_answer_every_call_once(tmp_path: Path, portal: FakePortal) -> None:
+    port = free_port()
+    app = AppProcess(
+        tmp_path, app_env(portal, f"http://127.0.0.1:{port}"), port, tmp_path / "app.log", workers=3
+    )
+    try:
+        assert post(f"{app.url}/install", portal.install_event_body()).status_code == 200
+        tokens = []
+        for i in range(60):
+            token, body = portal.robot_call_body({"first_name": f"Ivan{i}"})
+            assert post(f"{app.url}/robot", body).status_code == 200
+            tokens.append(token)
+            if i == 30:  # a second install while calls are being worked on must not lose a token
+                assert post(f"{app.url}/install", portal.install_event_body()).status_code == 200
+        deadline = time.monotonic() + 30
+        while len(portal.answers) < len(tokens) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        app.stop()
+
+    assert sorted(portal.answers) == sorted(tokens)
+    assert len(portal.contacts) == len(tokens)
+    assert json.loads((tmp_path / "tokens.json").read_text())["portals"][portal.config.member_id]
+    assert portal.stats["rate_limited"] == 0
