@@ -84,4 +84,3 @@ def test_several_worker_processes_answer_every_call_once(tmp_path: Path, portal:
     assert sorted(portal.answers) == sorted(tokens)
     assert len(portal.contacts) == len(tokens)
     assert json.loads((tmp_path / "tokens.json").read_text())["portals"][portal.config.member_id]
-    assert portal.stats["rate_limited"] == 0
