@@ -8,7 +8,6 @@ from pydantic import BaseModel, ValidationError
 
 from config import Settings, get_settings
 from repositories.job_journal import JobJournal
-from repositories.oauth_state_store import OAuthStateStore
 from repositories.token_store import TokenStore
 from schemas import AppFrame, IframeInstall, InstallEvent, RobotCall, UninstallEvent, parse_php_form
 from services.bitrix_client import BitrixClient
@@ -28,8 +27,8 @@ class AppState(TypedDict):
     tokens: TokenStore
     bitrix: BitrixClient
     journal: JobJournal
-    states: OAuthStateStore
     worker: JobWorker
+    service: ProcessingService
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
@@ -47,11 +46,9 @@ TokenStoreDep = Annotated[TokenStore, Depends(get_token_store)]
 BitrixClientDep = Annotated[BitrixClient, Depends(get_bitrix_client)]
 
 
-async def get_processing_service(
-    request: Request, settings: SettingsDep, tokens: TokenStoreDep, bitrix: BitrixClientDep
-) -> ProcessingService:
-    state = request.state
-    return ProcessingService(settings, tokens, bitrix, state.journal, state.states, state.worker.wake)
+async def get_processing_service(request: Request) -> ProcessingService:
+    """Built once in the lifespan (it holds no per-request state); tests may override it."""
+    return request.state.service  # type: ignore[no-any-return]
 
 
 ProcessingServiceDep = Annotated[ProcessingService, Depends(get_processing_service)]

@@ -26,12 +26,14 @@ from services import pages
 from services.bitrix_client import BitrixClient, BitrixError
 from services.errors import AppError, ErrorCode
 from services.observability import configure_logging, register_secret, request_id_var
+from services.processing import ProcessingService
 from services.rate_limit import PortalRateLimiter
 from services.retry import RetryPolicy
 from services.worker import JobWorker
 
 logger = logging.getLogger(__name__)
 _HTTP_CODES = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}
+_QUIET_PATHS = frozenset({"/robot", "/health"})
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
@@ -61,10 +63,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
         limiter = PortalRateLimiter(settings.rate_limit_burst, settings.rate_limit_per_second)
         bitrix = BitrixClient(http, tokens, settings, limiter, policy)
         worker = JobWorker(journal, bitrix, settings, policy)
+        service = ProcessingService(settings, tokens, bitrix, journal, states, worker.wake)
         task = asyncio.create_task(worker.run(), name="job-worker")
         try:
             yield AppState(
-                http=http, tokens=tokens, bitrix=bitrix, journal=journal, states=states, worker=worker
+                http=http, tokens=tokens, bitrix=bitrix, journal=journal, worker=worker, service=service
             )
         finally:
             task.cancel()
@@ -126,7 +129,10 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             elapsed = (time.perf_counter() - started) * 1000
-            logger.info("%s %s -> %d in %.1f ms", scope["method"], scope["path"], status, elapsed)
+            # Robot calls are logged once, by the service ("accepted as job N"); /health is polled.
+            quiet = scope["path"] in _QUIET_PATHS and status < 400
+            level = logging.DEBUG if quiet else logging.INFO
+            logger.log(level, "%s %s -> %d in %.1f ms", scope["method"], scope["path"], status, elapsed)
             request_id_var.reset(token)
 
 

@@ -23,11 +23,14 @@ def parse_php_form(body: bytes | str) -> dict[str, Any]:
     text = body.decode("utf-8", errors="replace") if isinstance(body, bytes) else body
     root: dict[str, Any] = {}
     for key, value in parse_qsl(text, keep_blank_values=True):
+        if "[" not in key:  # most keys of a robot call: no nesting to rebuild
+            root[key] = value
+            continue
         path = _key_path(key)
         if len(path) <= MAX_NESTING:
             _assign(root, path, value)
-    result: dict[str, Any] = _listify(root)
-    return result
+    # The top level stays a mapping even for `0=a&1=b`: callers look keys up in it.
+    return {key: _listify(value) for key, value in root.items()}
 
 
 def _key_path(key: str) -> list[str]:
@@ -54,8 +57,9 @@ def _listify(node: Any) -> Any:
     if not isinstance(node, dict):
         return node
     items = {key: _listify(value) for key, value in node.items()}
-    if items and sorted(items) == sorted(str(i) for i in range(len(items))):
-        return [items[str(i)] for i in range(len(items))]
+    # n distinct keys that include every index 0..n-1 are exactly those indexes.
+    if items and all(str(index) in items for index in range(len(items))):
+        return [items[str(index)] for index in range(len(items))]
     return items
 
 

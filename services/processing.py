@@ -32,7 +32,6 @@ from services.bitrix_client import (
     BitrixError,
     OAuthError,
 )
-from services.contact_validation import InvalidContactData, contact_fields
 from services.errors import (
     AppError,
     BadRequest,
@@ -240,28 +239,24 @@ class ProcessingService:
     # --- robot ---------------------------------------------------------------------------------
 
     async def accept_robot_call(self, call: RobotCall) -> RobotAck:
-        """Verify the call, validate its data and journal it; the worker does the rest."""
+        """Verify the call and journal it; the worker validates the data and does the rest.
+
+        Only what must precede the 200 happens here (authenticity, a durable record), so a burst
+        of calls is acknowledged as fast as it arrives; the data checks run in the worker, which
+        the portal's rate limit paces anyway.
+        """
         portal_var.set(call.auth.domain)
         workflow_var.set(call.workflow_id or "-")
         record = verify_callback(self._settings, await self._get(call.auth.member_id), call.auth)
-        try:
-            contact, error = contact_fields(call.properties, self._settings.phone_default_region), ""
-        except InvalidContactData as exc:
-            contact, error = None, str(exc)
-        job_id, created = await self._journal.add(self._new_job(call, record, contact, error))
+        job_id, created = await self._journal.add(self._new_job(call, record))
         if not created:
             logger.info("Robot call delivered again; job %d already has it", job_id)
             return RobotAck(status="duplicate", job_id=job_id)
         self._wake_worker()
-        if error:
-            logger.info("Robot call job %d: data rejected: %s", job_id, error)
-        else:
-            logger.info("Robot call accepted as job %d", job_id)
+        logger.info("Robot call accepted as job %d", job_id)
         return RobotAck(status="accepted", job_id=job_id)
 
-    def _new_job(
-        self, call: RobotCall, record: PortalTokens, contact: dict[str, object] | None, error: str
-    ) -> NewJob:
+    def _new_job(self, call: RobotCall, record: PortalTokens) -> NewJob:
         budget = self._settings.job_retry_budget_seconds
         if call.timeout_duration:
             budget = min(budget, float(call.timeout_duration))
@@ -271,8 +266,7 @@ class ProcessingService:
             workflow_id=call.workflow_id,
             document_id="/".join(call.document_id),
             deadline=time.time() + budget,
-            contact=contact,
-            error=error,
+            properties=call.properties,
             client_endpoint=record.client_endpoint,
             call_access_token=call.auth.access_token or "",
         )

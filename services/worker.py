@@ -23,6 +23,7 @@ from filelock import FileLock, Timeout
 from config import Settings
 from repositories.job_journal import Job, JobJournal
 from services.bitrix_client import BatchResult, BitrixAccessDenied, BitrixClient, BitrixError
+from services.contact_validation import InvalidContactData, contact_fields
 from services.observability import portal_var, workflow_var
 from services.retry import RetryPolicy
 
@@ -130,24 +131,33 @@ class JobWorker:
 
     async def _create_contacts(self, member_id: str, jobs: list[Job]) -> list[Job]:
         """Create the contacts; returns the jobs that are now ready to answer."""
-        ready: list[Job] = []
-        live: list[Job] = []
-        for job in jobs:
-            if time.time() > _add_deadline(job):
-                message = (
-                    f"The contact could not be created in time: {job.error or 'the portal did not answer'}"
-                )
-                ready.append(await self._to_send(job, 0, message))
-            else:
-                live.append(job)
+        ready, fields = await self._triage(jobs)
+        live = [job for job in jobs if job.id in fields]
         found = await self._find_existing(member_id, [job for job in live if job.add_attempted])
         for job in live:
             if job.id in found:
                 ready.append(await self._to_send(job, found[job.id], ""))
         fresh = [job for job in live if job.id not in found]
         if fresh:
-            ready += await self._add_contacts(member_id, fresh)
+            ready += await self._add_contacts(member_id, fresh, fields)
         return ready
+
+    async def _triage(self, jobs: list[Job]) -> tuple[list[Job], dict[int, dict[str, Any]]]:
+        """CRM fields for the jobs that can still make a contact; the others go straight to the answer."""
+        ready: list[Job] = []
+        fields: dict[int, dict[str, Any]] = {}
+        for job in jobs:
+            if time.time() > _add_deadline(job):
+                reason = job.error or "the portal did not answer"
+                ready.append(
+                    await self._to_send(job, 0, f"The contact could not be created in time: {reason}")
+                )
+                continue
+            try:
+                fields[job.id] = contact_fields(job.properties, self._settings.phone_default_region)
+            except InvalidContactData as exc:
+                ready.append(await self._to_send(job, 0, str(exc)))
+        return ready, fields
 
     async def _find_existing(self, member_id: str, jobs: Sequence[Job]) -> dict[int, int]:
         """Contacts made by an earlier attempt that died before it could record their ids."""
@@ -172,10 +182,12 @@ class JobWorker:
                 logger.info("Job %d: found contact %s from an earlier attempt", job.id, items[0]["ID"])
         return found
 
-    async def _add_contacts(self, member_id: str, jobs: list[Job]) -> list[Job]:
+    async def _add_contacts(
+        self, member_id: str, jobs: list[Job], fields: dict[int, dict[str, Any]]
+    ) -> list[Job]:
         # Recorded before sending: if we die mid-request, the resumed job looks before it adds.
         await self._journal.mark_add_attempted([job.id for job in jobs])
-        commands = {_key(job): ("crm.contact.add", _add_params(job)) for job in jobs}
+        commands = {_key(job): ("crm.contact.add", _add_params(job, fields[job.id])) for job in jobs}
         try:
             outcome = await self._bitrix.batch(member_id, commands)
         except BitrixError as exc:
@@ -293,9 +305,9 @@ def _add_deadline(job: Job) -> float:
     return job.created_at + (job.deadline - job.created_at) * _ADD_SHARE
 
 
-def _add_params(job: Job) -> dict[str, Any]:
-    fields = {**(job.contact or {}), "ORIGINATOR_ID": ORIGINATOR_ID, "ORIGIN_ID": origin_id(job.event_token)}
-    return {"fields": fields, "params": {"REGISTER_SONET_EVENT": "N"}}
+def _add_params(job: Job, fields: dict[str, Any]) -> dict[str, Any]:
+    marked = {**fields, "ORIGINATOR_ID": ORIGINATOR_ID, "ORIGIN_ID": origin_id(job.event_token)}
+    return {"fields": marked, "params": {"REGISTER_SONET_EVENT": "N"}}
 
 
 def _answer_params(job: Job) -> dict[str, Any]:
