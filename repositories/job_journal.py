@@ -63,11 +63,17 @@ class JobJournal(Protocol):
         """Give claimed jobs back at once (a clean shutdown), instead of when their lease ends."""
         ...
 
-    async def to_send(self, job_id: int, contact_id: int, error: str) -> None: ...
+    async def to_send(self, updates: Sequence[tuple[int, int, str]]) -> None:
+        """(job id, contact id, error): the contact step is over; answer the workflow next."""
+        ...
 
-    async def retry_later(self, job_id: int, delay: float, error: str) -> None: ...
+    async def retry_later(self, updates: Sequence[tuple[int, float, str]]) -> None:
+        """(job id, delay in seconds, error): try the current step again after the delay."""
+        ...
 
-    async def finish(self, job_id: int, state: JobState, error: str = "") -> None: ...
+    async def finish(self, updates: Sequence[tuple[int, JobState, str]]) -> None:
+        """(job id, final state, error): the job is over; a non-empty error replaces the stored one."""
+        ...
 
     async def next_due(self) -> float | None: ...
 
@@ -189,26 +195,28 @@ class SqliteJobJournal:
     async def release(self, ids: Sequence[int]) -> None:
         await self._execute_many("UPDATE jobs SET lease_until = 0, updated_at = ? WHERE id = ?", ids)
 
-    async def to_send(self, job_id: int, contact_id: int, error: str) -> None:
-        await self._execute(
+    async def to_send(self, updates: Sequence[tuple[int, int, str]]) -> None:
+        now = time.time()
+        await self._write_many(
             "UPDATE jobs SET state = 'send', contact_id = ?, error = ?, attempts = 0, updated_at = ?"
             " WHERE id = ?",
-            (contact_id, error, time.time(), job_id),
+            [(contact_id, error, now, job_id) for job_id, contact_id, error in updates],
         )
 
-    async def retry_later(self, job_id: int, delay: float, error: str) -> None:
+    async def retry_later(self, updates: Sequence[tuple[int, float, str]]) -> None:
         now = time.time()
-        await self._execute(
+        await self._write_many(
             "UPDATE jobs SET attempts = attempts + 1, next_attempt_at = ?, lease_until = 0,"
             " updated_at = ?, error = CASE WHEN state = 'add' THEN ? ELSE error END WHERE id = ?",
-            (now + delay, now, error, job_id),
+            [(now + delay, now, error, job_id) for job_id, delay, error in updates],
         )
 
-    async def finish(self, job_id: int, state: JobState, error: str = "") -> None:
-        await self._execute(
+    async def finish(self, updates: Sequence[tuple[int, JobState, str]]) -> None:
+        now = time.time()
+        await self._write_many(
             "UPDATE jobs SET state = ?, lease_until = 0, call_access_token = '', updated_at = ?,"
             " error = CASE WHEN ? = '' THEN error ELSE ? END WHERE id = ?",
-            (state, time.time(), error, error, job_id),
+            [(state, now, error, error, job_id) for job_id, state, error in updates],
         )
 
     async def next_due(self) -> float | None:
@@ -257,16 +265,12 @@ class SqliteJobJournal:
             self._fast.close()
             self._db.close()
 
-    async def _execute(self, sql: str, params: tuple[Any, ...]) -> None:
-        await asyncio.to_thread(self._run, sql, params)
-
     async def _execute_many(self, sql: str, ids: Sequence[int]) -> None:
         now = time.time()
-        await asyncio.to_thread(self._run_many, sql, [(now, job_id) for job_id in ids])
+        await self._write_many(sql, [(now, job_id) for job_id in ids])
 
-    def _run(self, sql: str, params: tuple[Any, ...]) -> None:
-        with self._lock:
-            self._db.execute(sql, params)
+    async def _write_many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        await asyncio.to_thread(self._run_many, sql, rows)
 
     def _run_many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
         with self._lock:

@@ -14,14 +14,14 @@ import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlsplit
 
 from filelock import FileLock, Timeout
 
 from config import Settings
-from repositories.job_journal import Job, JobJournal
+from repositories.job_journal import Job, JobJournal, JobState
 from services.bitrix_client import BatchResult, BitrixAccessDenied, BitrixClient, BitrixError
 from services.contact_validation import InvalidContactData, contact_fields
 from services.observability import portal_var, workflow_var
@@ -120,43 +120,45 @@ class JobWorker:
         await asyncio.sleep(self._settings.batch_linger_seconds)
 
     async def _process_portal(self, member_id: str, jobs: list[Job]) -> None:
+        writes = _Writes()
         ready = [job for job in jobs if job.state == "send"]
         adds = [job for job in jobs if job.state == "add"]
         if adds:
-            ready += await self._create_contacts(member_id, adds)
+            ready += await self._create_contacts(member_id, adds, writes)
+            # The contact ids are on disk before any workflow hears about them.
+            await writes.flush(self._journal)
         if ready:
-            await self._answer(member_id, ready)
+            await self._answer(member_id, ready, writes)
+            await writes.flush(self._journal)
 
     # --- contacts ------------------------------------------------------------------------------
 
-    async def _create_contacts(self, member_id: str, jobs: list[Job]) -> list[Job]:
+    async def _create_contacts(self, member_id: str, jobs: list[Job], writes: "_Writes") -> list[Job]:
         """Create the contacts; returns the jobs that are now ready to answer."""
-        ready, fields = await self._triage(jobs)
+        ready, fields = self._triage(jobs, writes)
         live = [job for job in jobs if job.id in fields]
         found = await self._find_existing(member_id, [job for job in live if job.add_attempted])
-        for job in live:
-            if job.id in found:
-                ready.append(await self._to_send(job, found[job.id], ""))
+        ready += [writes.to_send(job, found[job.id], "") for job in live if job.id in found]
         fresh = [job for job in live if job.id not in found]
         if fresh:
-            ready += await self._add_contacts(member_id, fresh, fields)
+            ready += await self._add_contacts(member_id, fresh, fields, writes)
         return ready
 
-    async def _triage(self, jobs: list[Job]) -> tuple[list[Job], dict[int, dict[str, Any]]]:
+    def _triage(self, jobs: list[Job], writes: "_Writes") -> tuple[list[Job], dict[int, dict[str, Any]]]:
         """CRM fields for the jobs that can still make a contact; the others go straight to the answer."""
         ready: list[Job] = []
         fields: dict[int, dict[str, Any]] = {}
         for job in jobs:
             if time.time() > _add_deadline(job):
-                reason = job.error or "the portal did not answer"
-                ready.append(
-                    await self._to_send(job, 0, f"The contact could not be created in time: {reason}")
+                reason = (
+                    f"The contact could not be created in time: {job.error or 'the portal did not answer'}"
                 )
+                ready.append(writes.to_send(job, 0, reason))
                 continue
             try:
                 fields[job.id] = contact_fields(job.properties, self._settings.phone_default_region)
             except InvalidContactData as exc:
-                ready.append(await self._to_send(job, 0, str(exc)))
+                ready.append(writes.to_send(job, 0, str(exc)))
         return ready, fields
 
     async def _find_existing(self, member_id: str, jobs: Sequence[Job]) -> dict[int, int]:
@@ -179,11 +181,12 @@ class JobWorker:
             items = outcome.results.get(_key(job)) if outcome else None
             if isinstance(items, list) and items and isinstance(items[0], dict):
                 found[job.id] = int(items[0]["ID"])
+                _set_context(job)
                 logger.info("Job %d: found contact %s from an earlier attempt", job.id, items[0]["ID"])
         return found
 
     async def _add_contacts(
-        self, member_id: str, jobs: list[Job], fields: dict[int, dict[str, Any]]
+        self, member_id: str, jobs: list[Job], fields: dict[int, dict[str, Any]], writes: "_Writes"
     ) -> list[Job]:
         # Recorded before sending: if we die mid-request, the resumed job looks before it adds.
         await self._journal.mark_add_attempted([job.id for job in jobs])
@@ -191,47 +194,47 @@ class JobWorker:
         try:
             outcome = await self._bitrix.batch(member_id, commands)
         except BitrixError as exc:
-            return await self._add_failed(jobs, exc)
+            return self._add_failed(jobs, exc, writes)
         ready: list[Job] = []
         for job in jobs:
             error = outcome.errors.get(_key(job))
             if error is None:
-                ready.append(await self._to_send(job, int(outcome.results[_key(job)]), ""))
+                ready.append(writes.to_send(job, int(outcome.results[_key(job)]), ""))
             elif error.retryable:
-                await self._retry(job, error)
+                writes.retry(job, error, self._policy)
             else:
-                ready.append(await self._to_send(job, 0, _portal_refused(error)))
+                ready.append(writes.to_send(job, 0, _portal_refused(error)))
         return ready
 
-    async def _add_failed(self, jobs: list[Job], exc: BitrixError) -> list[Job]:
+    def _add_failed(self, jobs: list[Job], exc: BitrixError, writes: "_Writes") -> list[Job]:
         if exc.retryable:
             for job in jobs:
-                await self._retry(job, exc)
+                writes.retry(job, exc, self._policy)
             return []
         message = f"The contact was not created: {exc}. {exc.admin_hint}"
-        return [await self._to_send(job, 0, message) for job in jobs]
+        return [writes.to_send(job, 0, message) for job in jobs]
 
     # --- answers -------------------------------------------------------------------------------
 
-    async def _answer(self, member_id: str, jobs: list[Job]) -> None:
+    async def _answer(self, member_id: str, jobs: list[Job], writes: "_Writes") -> None:
         commands = {_key(job): ("bizproc.event.send", _answer_params(job)) for job in jobs}
         try:
             outcome = await self._bitrix.batch(member_id, commands)
         except BitrixError as exc:
-            await self._answer_failed(jobs, exc)
+            await self._answer_failed(jobs, exc, writes)
             return
         for job in jobs:
-            await self._answered(job, outcome.errors.get(_key(job)))
+            writes.answered(job, outcome.errors.get(_key(job)), self._policy)
 
-    async def _answer_failed(self, jobs: list[Job], exc: BitrixError) -> None:
+    async def _answer_failed(self, jobs: list[Job], exc: BitrixError, writes: "_Writes") -> None:
         if exc.retryable:
             for job in jobs:
-                await self._answered(job, exc)
+                writes.answered(job, exc, self._policy)
             return
         # Our tokens are unusable (revoked, refresh refused): answer with the call's own token.
         logger.warning("Answering with the portal's token failed (%s); using each call's own token", exc)
         for job in jobs:
-            await self._answered(job, await self._answer_with_call_token(job))
+            writes.answered(job, await self._answer_with_call_token(job), self._policy)
 
     async def _answer_with_call_token(self, job: Job) -> BitrixError | None:
         if not job.call_access_token:
@@ -244,29 +247,6 @@ class JobWorker:
             return exc
         return None
 
-    async def _answered(self, job: Job, error: BitrixError | None) -> None:
-        self._set_context(job)
-        if error is None:
-            await self._journal.finish(job.id, "done")
-            logger.info(
-                "Job %d done: contact_id=%d%s",
-                job.id,
-                job.contact_id,
-                f", error: {job.error}" if job.error else "",
-            )
-        elif isinstance(error, BitrixAccessDenied):
-            await self._journal.finish(job.id, "abandoned", job.error)
-            logger.warning("Job %d abandoned: the portal no longer waits for this answer (%s)", job.id, error)
-        elif error.retryable and time.time() < job.deadline:
-            await self._retry(job, error)
-        else:
-            await self._journal.finish(job.id, "failed", job.error)
-            logger.error(
-                "Job %d failed: the workflow could not be answered: %s. %s", job.id, error, error.admin_hint
-            )
-
-    # --- bookkeeping ---------------------------------------------------------------------------
-
     async def _batch_or_none(
         self, member_id: str, commands: dict[str, tuple[str, dict[str, Any]]]
     ) -> BatchResult | None:
@@ -276,25 +256,61 @@ class JobWorker:
             logger.warning("Looking up earlier contacts failed (%s); the jobs will be retried", exc)
             return None
 
-    async def _to_send(self, job: Job, contact_id: int, error: str) -> Job:
-        await self._journal.to_send(job.id, contact_id, error)
-        self._set_context(job)
+
+@dataclass
+class _Writes:
+    """One pass's journal updates: decided per job, written in one transaction per kind."""
+
+    sends: list[tuple[int, int, str]] = field(default_factory=list)
+    retries: list[tuple[int, float, str]] = field(default_factory=list)
+    finished: list[tuple[int, JobState, str]] = field(default_factory=list)
+
+    def to_send(self, job: Job, contact_id: int, error: str) -> Job:
+        self.sends.append((job.id, contact_id, error))
+        _set_context(job)
         if error:
             logger.warning("Job %d: no contact: %s", job.id, error)
         else:
-            logger.info("Job %d: contact %d created", job.id, contact_id)
+            logger.info("Job %d: contact %d", job.id, contact_id)
         return replace(job, state="send", contact_id=contact_id, error=error)
 
-    async def _retry(self, job: Job, error: BitrixError) -> None:
-        delay = self._policy.delay(job.attempts, error.retry_after)
-        self._set_context(job)
+    def retry(self, job: Job, error: BitrixError, policy: RetryPolicy) -> None:
+        delay = policy.delay(job.attempts, error.retry_after)
+        self.retries.append((job.id, delay, str(error)))
+        _set_context(job)
         logger.warning("Job %d: %s; retry in %.1fs", job.id, error, delay)
-        await self._journal.retry_later(job.id, delay, str(error))
 
-    @staticmethod
-    def _set_context(job: Job) -> None:
-        portal_var.set(urlsplit(job.client_endpoint).netloc or job.member_id)
-        workflow_var.set(job.workflow_id or "-")
+    def answered(self, job: Job, error: BitrixError | None, policy: RetryPolicy) -> None:
+        _set_context(job)
+        if error is None:
+            self.finished.append((job.id, "done", ""))
+            suffix = f", error: {job.error}" if job.error else ""
+            logger.info("Job %d done: contact_id=%d%s", job.id, job.contact_id, suffix)
+        elif isinstance(error, BitrixAccessDenied):
+            self.finished.append((job.id, "abandoned", job.error))
+            logger.warning("Job %d abandoned: the portal no longer waits for this answer (%s)", job.id, error)
+        elif error.retryable and time.time() < job.deadline:
+            self.retry(job, error, policy)
+        else:
+            self.finished.append((job.id, "failed", job.error))
+            logger.error(
+                "Job %d failed: the workflow could not be answered: %s. %s", job.id, error, error.admin_hint
+            )
+
+    async def flush(self, journal: JobJournal) -> None:
+        sends, retries, finished = self.sends, self.retries, self.finished
+        self.sends, self.retries, self.finished = [], [], []
+        if sends:
+            await journal.to_send(sends)
+        if retries:
+            await journal.retry_later(retries)
+        if finished:
+            await journal.finish(finished)
+
+
+def _set_context(job: Job) -> None:
+    portal_var.set(urlsplit(job.client_endpoint).netloc or job.member_id)
+    workflow_var.set(job.workflow_id or "-")
 
 
 def _key(job: Job) -> str:
