@@ -57,6 +57,10 @@ class JobJournal(Protocol):
 
     async def claim(self, limit: int, lease_seconds: float) -> list[Job]: ...
 
+    async def due_count(self, limit: int) -> int:
+        """How many jobs could be claimed now, counting no further than `limit`."""
+        ...
+
     async def mark_add_attempted(self, ids: Sequence[int]) -> None: ...
 
     async def release(self, ids: Sequence[int]) -> None:
@@ -188,6 +192,15 @@ class SqliteJobJournal:
                 (now + lease_seconds, now, now, limit),
             ).fetchall()
         return sorted((_job(row) for row in rows), key=lambda job: job.id)
+
+    async def due_count(self, limit: int) -> int:
+        now = time.time()
+        row = await self._fetchone(
+            "SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE state IN ('add', 'send')"
+            " AND next_attempt_at <= ? AND lease_until <= ? LIMIT ?)",
+            (now, now, limit),
+        )
+        return int(row[0]) if row else 0
 
     async def mark_add_attempted(self, ids: Sequence[int]) -> None:
         await self._execute_many("UPDATE jobs SET add_attempted = 1, updated_at = ? WHERE id = ?", ids)

@@ -7,7 +7,6 @@ creating a second one.
 """
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import time
@@ -35,6 +34,7 @@ _ADD_SHARE = 0.75  # of a job's budget spent creating the contact; the rest is f
 # Calls accepted by another worker process cannot wake this one: poll the journal this often.
 _IDLE_SECONDS = 0.5
 _LEADER_POLL_SECONDS = 2.0
+_MAX_PASSES = 4  # batches in flight at once; the rate limiter still paces their requests
 
 
 def origin_id(event_token: str) -> str:
@@ -84,19 +84,48 @@ class JobWorker:
             lock.release()
 
     async def _loop(self) -> None:
-        while True:
-            try:
-                processed = await self.run_once()
-            except Exception:
-                logger.exception("Job worker pass failed; retrying shortly")
-                processed = 0
-                await asyncio.sleep(1.0)
-            if not processed:
-                await self._idle()
+        running: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                if len(running) >= _MAX_PASSES:
+                    await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                elif not await self._start_pass(running):
+                    await self._idle(running)
+        finally:
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+
+    async def _start_pass(self, running: set[asyncio.Task[None]]) -> bool:
+        """Claim due jobs and process them in the background; False when there was nothing to do.
+
+        While passes are in flight only a full batch starts another, so a burst is pipelined
+        without shrinking the batches (and raising the REST requests per call).
+        """
+        try:
+            if running and await self._journal.due_count(BATCH_LIMIT) < BATCH_LIMIT:
+                return False
+            jobs = await self._journal.claim(BATCH_LIMIT, self._settings.job_lease_seconds)
+        except Exception:
+            logger.exception("Claiming jobs failed; retrying shortly")
+            await asyncio.sleep(1.0)
+            return False
+        if not jobs:
+            return False
+        task = asyncio.create_task(self._pass(jobs))
+        running.add(task)
+        task.add_done_callback(running.discard)
+        return True
 
     async def run_once(self) -> int:
         """Claim and process one round of due jobs; returns how many were claimed."""
         jobs = await self._journal.claim(BATCH_LIMIT, self._settings.job_lease_seconds)
+        if jobs:
+            await self._pass(jobs)
+        return len(jobs)
+
+    async def _pass(self, jobs: list[Job]) -> None:
+        """Process claimed jobs, grouped by portal; a failure is logged, the leases expire."""
         by_portal: dict[str, list[Job]] = defaultdict(list)
         for job in jobs:
             by_portal[job.member_id].append(job)
@@ -108,13 +137,17 @@ class JobWorker:
             # Shutting down: hand the jobs back now, so the next start need not wait for the lease.
             await self._journal.release([job.id for job in jobs])
             raise
-        return len(jobs)
+        except Exception:
+            logger.exception("Job worker pass failed; its jobs are retried when their lease ends")
 
-    async def _idle(self) -> None:
+    async def _idle(self, running: set[asyncio.Task[None]]) -> None:
         due = await self._journal.next_due()
         timeout = _IDLE_SECONDS if due is None else min(_IDLE_SECONDS, max(0.0, due - time.time()))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wakeup.wait(), timeout)
+        wakeup = asyncio.create_task(self._wakeup.wait())
+        try:
+            await asyncio.wait({wakeup, *running}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            wakeup.cancel()
         self._wakeup.clear()
         # A short pause lets a burst of calls pile up into one batch instead of many small ones.
         await asyncio.sleep(self._settings.batch_linger_seconds)
