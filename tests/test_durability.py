@@ -42,9 +42,7 @@ def test_kill_9_with_pending_jobs_then_restart_answers_every_workflow_once(
         app.kill_9()
         portal.release()
         app = AppProcess(tmp_path, env, port, log)
-        deadline = time.monotonic() + 30
-        while len(portal.answers) < len(tokens) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        portal.wait_for_answers(len(tokens), timeout=30)
     finally:
         app.stop()
 
@@ -75,9 +73,7 @@ def test_several_worker_processes_answer_every_call_once(tmp_path: Path, portal:
             tokens.append(token)
             if i == 30:  # a second install while calls are being worked on must not lose a token
                 assert post(f"{app.url}/install", portal.install_event_body()).status_code == 200
-        deadline = time.monotonic() + 30
-        while len(portal.answers) < len(tokens) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        portal.wait_for_answers(len(tokens), timeout=30)
     finally:
         app.stop()
 
