@@ -2,9 +2,9 @@
 
 import asyncio
 import logging
+import os
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from typing import Any
@@ -103,6 +103,17 @@ async def _remember_stored_secrets(tokens: JsonTokenStore) -> None:
         logger.error("%s", exc)
 
 
+def _request_id(headers: list[tuple[bytes, bytes]]) -> str:
+    """The caller's `X-Request-ID` when it is sane, else a fresh one."""
+    for name, value in headers:
+        if name == b"x-request-id":
+            incoming = value.decode("latin-1")
+            if _REQUEST_ID.match(incoming):
+                return incoming
+            break
+    return os.urandom(6).hex()
+
+
 class RequestContextMiddleware:
     """Gives every request an id (also in the `X-Request-ID` reply header) and logs its outcome."""
 
@@ -113,8 +124,7 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex[:12]
+        request_id = _request_id(scope["headers"])
         token = request_id_var.set(request_id)
         started, status = time.perf_counter(), 0
 

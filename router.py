@@ -21,6 +21,13 @@ NONCE_COOKIE = "b24_oauth_nonce"
 NonceCookie = Annotated[str | None, Cookie(alias=NONCE_COOKIE)]
 
 
+# First: routes are matched in order, and robot calls are by far the most frequent.
+@router.post("/robot")
+async def robot(call: RobotCallDep, service: ProcessingServiceDep) -> RobotAck:
+    """The robot handler: acknowledge at once; the contact and the answer follow from the queue."""
+    return await service.accept_robot_call(call)
+
+
 @router.post("/install", response_model=None)
 async def install(payload: InstallDep, service: ProcessingServiceDep) -> Response:
     """Install the app on a portal: store its tokens, register the robot."""
@@ -76,12 +83,6 @@ async def app_page(
 async def app_frame(frame: AppFrameDep, service: ProcessingServiceDep) -> HTMLResponse:
     """The app opened inside the portal: its status page, in full for that portal's users."""
     return HTMLResponse(pages.status_page(await service.status_report(frame)))
-
-
-@router.post("/robot")
-async def robot(call: RobotCallDep, service: ProcessingServiceDep) -> RobotAck:
-    """The robot handler: acknowledge at once; the contact and the answer follow from the queue."""
-    return await service.accept_robot_call(call)
 
 
 @router.post("/uninstall")

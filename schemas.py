@@ -34,6 +34,11 @@ def parse_php_form(body: bytes | str) -> dict[str, Any]:
 
 
 def _key_path(key: str) -> list[str]:
+    head, _, rest = key.partition("[")
+    parts = rest[:-1].split("][") if rest.endswith("]") else None
+    # The plain split covers every well-formed key; the regex settles the odd ones (`a[b]c]`).
+    if head and "]" not in head and parts is not None and not any("[" in p or "]" in p for p in parts):
+        return [head, *parts]
     match = _KEY.match(key)
     if not match:
         return [key]

@@ -2,6 +2,7 @@
 
 import re
 import secrets
+from functools import lru_cache
 from urllib.parse import urlsplit
 
 from config import Settings
@@ -15,6 +16,7 @@ _CLOUD = re.compile(
 )
 
 
+@lru_cache(maxsize=1024)
 def rest_base(client_endpoint: str) -> str:
     """`https://host/rest/` in one canonical spelling."""
     parts = urlsplit(client_endpoint.strip())
