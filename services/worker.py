@@ -53,6 +53,7 @@ class JobWorker:
         self._settings = settings
         self._policy = policy
         self._wakeup = asyncio.Event()
+        self._last_due = -1  # jobs due at the previous look, to tell a growing batch from a stalled one
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -99,11 +100,12 @@ class JobWorker:
     async def _start_pass(self, running: set[asyncio.Task[None]]) -> bool:
         """Claim due jobs and process them in the background; False when there was nothing to do.
 
-        While passes are in flight only a full batch starts another, so a burst is pipelined
-        without shrinking the batches (and raising the REST requests per call).
+        While passes are in flight, another starts only for a full batch, or for a partial one
+        that stopped growing: a burst is pipelined without shrinking its batches (which would
+        raise the REST requests per call), and its tail does not wait for the passes in flight.
         """
         try:
-            if running and await self._journal.due_count(BATCH_LIMIT) < BATCH_LIMIT:
+            if running and not await self._batch_worth_starting():
                 return False
             jobs = await self._journal.claim(BATCH_LIMIT, self._settings.job_lease_seconds)
         except Exception:
@@ -116,6 +118,11 @@ class JobWorker:
         running.add(task)
         task.add_done_callback(running.discard)
         return True
+
+    async def _batch_worth_starting(self) -> bool:
+        due = await self._journal.due_count(BATCH_LIMIT)
+        stalled, self._last_due = due == self._last_due, due
+        return due >= BATCH_LIMIT or (due > 0 and stalled)
 
     async def run_once(self) -> int:
         """Claim and process one round of due jobs; returns how many were claimed."""
