@@ -59,7 +59,7 @@ class JobWorker:
         self._wakeup.set()
 
     async def run(self) -> None:
-        """Loop forever; a failed pass is logged and retried, never fatal."""
+        """Loop until cancelled; failures are logged and retried, never fatal."""
         async with self._leadership():
             logger.info("Job worker started")
             await self._loop()
@@ -88,10 +88,15 @@ class JobWorker:
         running: set[asyncio.Task[None]] = set()
         try:
             while True:
-                if len(running) >= _MAX_PASSES:
-                    await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-                elif not await self._start_pass(running):
-                    await self._idle(running)
+                try:
+                    if len(running) >= _MAX_PASSES:
+                        await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                    elif not await self._start_pass(running):
+                        await self._idle(running)
+                except Exception:
+                    # The journal may fail for a moment (disk full, locked); the worker must not die.
+                    logger.exception("Job worker failed to read the journal; retrying shortly")
+                    await asyncio.sleep(1.0)
         finally:
             for task in running:
                 task.cancel()
@@ -104,14 +109,9 @@ class JobWorker:
         that stopped growing: a burst is pipelined without shrinking its batches (which would
         raise the REST requests per call), and its tail does not wait for the passes in flight.
         """
-        try:
-            if running and not await self._batch_worth_starting():
-                return False
-            jobs = await self._journal.claim(BATCH_LIMIT, self._settings.job_lease_seconds)
-        except Exception:
-            logger.exception("Claiming jobs failed; retrying shortly")
-            await asyncio.sleep(1.0)
+        if running and not await self._batch_worth_starting():
             return False
+        jobs = await self._journal.claim(BATCH_LIMIT, self._settings.job_lease_seconds)
         if not jobs:
             return False
         task = asyncio.create_task(self._pass(jobs))
@@ -123,13 +123,6 @@ class JobWorker:
         due = await self._journal.due_count(BATCH_LIMIT)
         stalled, self._last_due = due == self._last_due, due
         return due >= BATCH_LIMIT or (due > 0 and stalled)
-
-    async def run_once(self) -> int:
-        """Claim and process one round of due jobs; returns how many were claimed."""
-        jobs = await self._journal.claim(BATCH_LIMIT, self._settings.job_lease_seconds)
-        if jobs:
-            await self._pass(jobs)
-        return len(jobs)
 
     async def _pass(self, jobs: list[Job]) -> None:
         """Process claimed jobs, grouped by portal; a failure is logged, the leases expire."""

@@ -101,3 +101,27 @@ async def test_jobs_left_by_a_stopped_app_are_resumed_on_start(tmp_path: Path, p
 
     assert sorted(portal.answers) == sorted(tokens)
     assert len(portal.contacts) == 3
+
+
+async def test_worker_survives_a_journal_failure(
+    installed: httpx.AsyncClient, portal: FakePortal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from repositories.job_journal import SqliteJobJournal
+
+    real_next_due = SqliteJobJournal.next_due
+    failures = iter([True, True])
+
+    async def flaky_next_due(self: SqliteJobJournal) -> float | None:
+        if next(failures, False):
+            raise OSError("disk I/O error")
+        return await real_next_due(self)
+
+    monkeypatch.setattr(SqliteJobJournal, "next_due", flaky_next_due)
+    await asyncio.sleep(1.2)  # the idle worker polls next_due and hits both failures
+    token, body = portal.robot_call_body(GOOD)
+
+    await post_form(installed, "/robot", body)
+
+    answer = await answer_for(portal, token, timeout=15)
+    assert answer["return_values"]["error"] == ""
+    assert next(failures, "spent") == "spent"
