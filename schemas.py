@@ -7,10 +7,10 @@ once, and the models below validate the result.
 
 import re
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 _KEY = re.compile(r"^([^\[\]]+)((?:\[[^\[\]]*\])*)$")
 _SEGMENT = re.compile(r"\[([^\[\]]*)\]")
@@ -68,6 +68,11 @@ def _listify(node: Any) -> Any:
     return items
 
 
+def _upper(value: object) -> object:
+    # Event names arrive in either case (`ONAPPINSTALL`, `OnAppInstall`).
+    return value.upper() if isinstance(value, str) else value
+
+
 class _Wire(BaseModel):
     model_config = ConfigDict(extra="ignore", str_strip_whitespace=True)
 
@@ -97,30 +102,16 @@ class EventAuth(_Wire):
 class InstallEvent(_Wire):
     """Server-to-server `ONAPPINSTALL` event."""
 
-    event: str
+    event: Annotated[Literal["ONAPPINSTALL"], BeforeValidator(_upper)]
     auth: EventAuth
     data: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("event")
-    @classmethod
-    def _is_install(cls, value: str) -> str:
-        if value.upper() != "ONAPPINSTALL":
-            raise ValueError("expected event ONAPPINSTALL")
-        return value.upper()
 
 
 class UninstallEvent(_Wire):
     """`ONAPPUNINSTALL` event: no tokens, only `application_token` proves it."""
 
-    event: str
+    event: Annotated[Literal["ONAPPUNINSTALL"], BeforeValidator(_upper)]
     auth: EventAuth
-
-    @field_validator("event")
-    @classmethod
-    def _is_uninstall(cls, value: str) -> str:
-        if value.upper() != "ONAPPUNINSTALL":
-            raise ValueError("expected event ONAPPUNINSTALL")
-        return value.upper()
 
 
 class IframeInstall(_Wire):
