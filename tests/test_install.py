@@ -149,3 +149,24 @@ async def test_install_as_json_is_refused_with_415(client: httpx.AsyncClient) ->
     response = await client.post("/install", json={"event": "ONAPPINSTALL"})
 
     assert response.status_code == 415
+
+
+async def test_tokens_of_another_app_on_our_portal_are_refused(tmp_path: Path, portal: FakePortal) -> None:
+    from asgi_lifespan import LifespanManager
+
+    from config import get_settings
+    from main import create_app
+    from tests.conftest import make_settings
+
+    settings = make_settings(tmp_path, portal, bitrix_client_id="local.another0app.00000000")
+    app = create_app()
+    app.dependency_overrides[get_settings] = lambda: settings
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url=APP_URL) as client:
+            response = await post_form(client, "/install", portal.install_event_body())
+
+    assert response.status_code == 403
+    assert "another app" in response.json()["detail"]
+    assert not settings.token_file.exists()
+    assert portal.robots == {}
