@@ -27,7 +27,6 @@ from schemas import (
 )
 from services.bitrix_client import (
     BitrixApiError,
-    BitrixAuthError,
     BitrixClient,
     BitrixError,
     OAuthError,
@@ -133,12 +132,15 @@ class ProcessingService:
         token = candidate.access_token or ""
         try:
             info = await self._bitrix.call_with_token(candidate.client_endpoint, token, "app.info")
-        except (BitrixAuthError, BitrixApiError) as exc:
+        except BitrixError as exc:
+            # A portal that is down or over its limit says nothing about the tokens: 502, not 403.
+            if exc.retryable or not isinstance(exc, BitrixApiError):
+                raise UpstreamUnavailable(
+                    f"The portal {candidate.domain} could not be reached: {exc}"
+                ) from exc
             raise InstallRejected(
                 f"The portal {candidate.domain} did not confirm the tokens ({exc})."
             ) from exc
-        except BitrixError as exc:
-            raise UpstreamUnavailable(f"The portal {candidate.domain} could not be reached: {exc}") from exc
         code = info.get("CODE") if isinstance(info, dict) else None
         if code != self._settings.bitrix_client_id:
             raise InstallRejected(f"The tokens belong to another app ({code!r}), not BITRIX_CLIENT_ID.")

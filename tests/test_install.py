@@ -170,3 +170,15 @@ async def test_tokens_of_another_app_on_our_portal_are_refused(tmp_path: Path, p
     assert "another app" in response.json()["detail"]
     assert not settings.token_file.exists()
     assert portal.robots == {}
+
+
+async def test_install_while_the_portal_is_overloaded_is_502_not_a_refusal(
+    client: httpx.AsyncClient, portal: FakePortal, settings: Settings
+) -> None:
+    portal.fail_next("app.info", 503, "QUERY_LIMIT_EXCEEDED", "Too many requests", times=10)
+
+    response = await post_form(client, "/install", portal.install_event_body())
+
+    assert response.status_code == 502
+    assert response.json()["error"] == "upstream_unavailable"
+    assert not settings.token_file.exists()
