@@ -2,18 +2,13 @@
 
 from typing import Annotated, Any, TypedDict, TypeVar
 
-import httpx
 from fastapi import Depends, Request
 from pydantic import BaseModel, ValidationError
 
 from config import Settings, get_settings
-from repositories.job_journal import JobJournal
-from repositories.token_store import TokenStore
 from schemas import AppFrame, IframeInstall, InstallEvent, RobotCall, UninstallEvent, parse_php_form
-from services.bitrix_client import BitrixClient
 from services.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 from services.processing import ProcessingService
-from services.worker import JobWorker
 
 MAX_BODY_BYTES = 1024 * 1024
 FORM_TYPE = "application/x-www-form-urlencoded"
@@ -23,27 +18,10 @@ Model = TypeVar("Model", bound=BaseModel)
 class AppState(TypedDict):
     """What the lifespan builds once and every request shares."""
 
-    http: httpx.AsyncClient
-    tokens: TokenStore
-    bitrix: BitrixClient
-    journal: JobJournal
-    worker: JobWorker
     service: ProcessingService
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-
-
-async def get_token_store(request: Request) -> TokenStore:
-    return request.state.tokens  # type: ignore[no-any-return]
-
-
-async def get_bitrix_client(request: Request) -> BitrixClient:
-    return request.state.bitrix  # type: ignore[no-any-return]
-
-
-TokenStoreDep = Annotated[TokenStore, Depends(get_token_store)]
-BitrixClientDep = Annotated[BitrixClient, Depends(get_bitrix_client)]
 
 
 async def get_processing_service(request: Request) -> ProcessingService:

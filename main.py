@@ -66,9 +66,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
         service = ProcessingService(settings, tokens, bitrix, journal, states, worker.wake)
         task = asyncio.create_task(worker.run(), name="job-worker")
         try:
-            yield AppState(
-                http=http, tokens=tokens, bitrix=bitrix, journal=journal, worker=worker, service=service
-            )
+            yield AppState(service=service)
         finally:
             task.cancel()
             with suppress(asyncio.CancelledError):

@@ -1,4 +1,5 @@
-"""Domain errors of the app. `main.register_exception_handlers` maps them to HTTP in one place.
+"""Domain errors of the app. `main.register_exception_handlers` maps them to HTTP in one place,
+together with the repositories' `TokenStoreError` (503 `storage_error`) and the client's `BitrixError`.
 
 AppError                      status, stable `code`, message
 ├── BadRequest                400  the body is not what this endpoint takes
@@ -10,7 +11,6 @@ AppError                      status, stable `code`, message
 ├── ForeignPortal             403  a portal other than the configured one
 ├── InstallRejected           403  tokens the portal does not confirm as ours
 ├── NotConfigured             503  required settings are missing
-├── StorageError              503  the token file or job journal cannot be used
 └── UpstreamUnavailable       502  the portal or the OAuth server failed
 """
 
@@ -86,11 +86,6 @@ class InstallRejected(AppError):
 class NotConfigured(AppError):
     status_code = 503
     code = ErrorCode.NOT_CONFIGURED
-
-
-class StorageError(AppError):
-    status_code = 503
-    code = ErrorCode.STORAGE_ERROR
 
 
 class UpstreamUnavailable(AppError):

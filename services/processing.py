@@ -38,7 +38,6 @@ from services.errors import (
     InstallRejected,
     InvalidOAuthState,
     NotConfigured,
-    StorageError,
     UpstreamUnavailable,
 )
 from services.observability import portal_var, register_secret, workflow_var
@@ -121,11 +120,11 @@ class ProcessingService:
         portal_var.set(candidate.domain)
         register_secret(candidate.access_token, candidate.refresh_token, candidate.application_token)
         await self._prove(candidate)
-        await self._save(candidate)
+        await self._tokens.save(candidate)
         logger.info("Install from portal %s (%s): tokens stored", candidate.domain, candidate.member_id)
-        await self._register_robot(candidate)
+        record = await self._register_robot(candidate)
         await self._bind_uninstall(candidate.member_id)
-        return await self._get(candidate.member_id) or candidate
+        return record
 
     async def _prove(self, candidate: PortalTokens) -> None:
         """Tokens count only once the portal they claim confirms they belong to our app."""
@@ -145,7 +144,7 @@ class ProcessingService:
         if code != self._settings.bitrix_client_id:
             raise InstallRejected(f"The tokens belong to another app ({code!r}), not BITRIX_CLIENT_ID.")
 
-    async def _register_robot(self, record: PortalTokens) -> None:
+    async def _register_robot(self, record: PortalTokens) -> PortalTokens:
         fields = robot_fields(self._settings)
         if record.user_id:
             fields["AUTH_USER_ID"] = record.user_id
@@ -163,9 +162,11 @@ class ProcessingService:
                 logger.info("Robot %s was registered already; updated, handler %s", code, fields["HANDLER"])
         except BitrixError as exc:
             raise UpstreamUnavailable(f"Registering the robot failed: {exc}. {exc.admin_hint}") from exc
-        stored = await self._get(record.member_id)
-        if stored is not None:
-            await self._save(stored.model_copy(update={"robot_registered_at": time.time()}))
+        # Re-read: the calls above may have refreshed (and rotated) the tokens we started with.
+        stored = await self._tokens.get(record.member_id) or record
+        registered = stored.model_copy(update={"robot_registered_at": time.time()})
+        await self._tokens.save(registered)
+        return registered
 
     async def _bind_uninstall(self, member_id: str) -> None:
         params = {"event": "ONAPPUNINSTALL", "handler": self._settings.uninstall_handler_url}
@@ -231,10 +232,10 @@ class ProcessingService:
     async def _store_login(
         self, member_id: str, host: str, endpoint: str, reply: TokenResponse
     ) -> PortalTokens:
-        existing = await self._get(member_id)
+        existing = await self._tokens.get(member_id)
         base = existing or PortalTokens(member_id=member_id, domain=host, client_endpoint=endpoint)
         record = base.model_copy(update={"domain": host, "client_endpoint": endpoint}).with_tokens(reply)
-        await self._save(record)
+        await self._tokens.save(record)
         logger.info("OAuth authorization stored for portal %s (%s)", host, member_id)
         return record
 
@@ -249,7 +250,7 @@ class ProcessingService:
         """
         portal_var.set(call.auth.domain)
         workflow_var.set(call.workflow_id or "-")
-        record = verify_callback(self._settings, await self._get(call.auth.member_id), call.auth)
+        record = verify_callback(self._settings, await self._tokens.get(call.auth.member_id), call.auth)
         job_id, created = await self._journal.add(self._new_job(call, record))
         if not created:
             logger.info("Robot call delivered again; job %d already has it", job_id)
@@ -278,11 +279,8 @@ class ProcessingService:
     async def uninstall(self, event: UninstallEvent) -> None:
         """ONAPPUNINSTALL: forget the portal's tokens once the event is proven authentic."""
         portal_var.set(event.auth.domain)
-        record = verify_callback(self._settings, await self._get(event.auth.member_id), event.auth)
-        try:
-            await self._tokens.delete(record.member_id)
-        except TokenStoreError as exc:
-            raise StorageError(str(exc)) from exc
+        record = verify_callback(self._settings, await self._tokens.get(event.auth.member_id), event.auth)
+        await self._tokens.delete(record.member_id)
         logger.info("App uninstalled from portal %s: its tokens are deleted", record.domain)
 
     async def health(self) -> Health:
@@ -307,7 +305,7 @@ class ProcessingService:
 
     async def _is_portal_frame(self, frame: AppFrame) -> bool:
         try:
-            verify_callback(self._settings, await self._get(frame.member_id), frame.as_auth())
+            verify_callback(self._settings, await self._tokens.get(frame.member_id), frame.as_auth())
         except AppError:
             return False
         return True
@@ -324,18 +322,6 @@ class ProcessingService:
         missing = self._settings.missing()
         if missing:
             raise NotConfigured(f"Set {', '.join(missing)} (in .env or the environment) and restart the app.")
-
-    async def _get(self, member_id: str) -> PortalTokens | None:
-        try:
-            return await self._tokens.get(member_id)
-        except TokenStoreError as exc:
-            raise StorageError(str(exc)) from exc
-
-    async def _save(self, record: PortalTokens) -> None:
-        try:
-            await self._tokens.save(record)
-        except TokenStoreError as exc:
-            raise StorageError(str(exc)) from exc
 
 
 def _portal_status(record: PortalTokens) -> PortalStatus:
