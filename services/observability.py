@@ -27,6 +27,12 @@ _BY_KEY = re.compile(
 )
 _BRACKETED = re.compile(rf"(?i)({_OPEN}(?:{_KEYS}){_CLOSE}=)([^&\s]+)")
 _EVENT_TOKEN = re.compile(r"[\w.]+(?:\||%7C)A[\w]+(?:\||%7C)[\w]+\.[0-9a-f]{16,}")
+# C0 and C1 control characters, DEL, and the Unicode line and paragraph separators: any of them
+# in a value from a request could start a forged line or rewrite the terminal. Shown escaped.
+_CONTROLS = {
+    code: f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    for code in (*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029)
+}
 _SECRETS: OrderedDict[str, None] = OrderedDict()
 _MAX_SECRETS = 256
 _MIN_SECRET = 8
@@ -54,17 +60,30 @@ def redact(text: str) -> str:
     return _BY_KEY.sub(lambda m: m.group(1) + (m.group(2) if m.group(2) == MASK else MASK), text)
 
 
+def escape_controls(text: str) -> str:
+    """The text with control characters written as `\\xNN`, so it stays on one line."""
+    return text if text.isprintable() else text.translate(_CONTROLS)
+
+
 class RedactingFormatter(logging.Formatter):
-    """Formats as usual, then masks secrets in the whole line, traceback included."""
+    """Formats as usual, then masks secrets in the whole line, traceback included.
+
+    The context and the message are escaped (their values may come from a request); a traceback,
+    added after them, keeps its own line breaks.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
         record.context = _context()
         return redact(super().format(record))
 
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
+
 
 def _context() -> str:
     parts = [f"req={request_id_var.get()}", f"portal={portal_var.get()}", f"wf={workflow_var.get()}"]
-    return " ".join(part for part in parts if not part.endswith("=-"))
+    return escape_controls(" ".join(part for part in parts if not part.endswith("=-")))
 
 
 _FORMAT = "%(asctime)s %(levelname)-7s %(name)s [%(context)s] %(message)s"
