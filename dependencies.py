@@ -7,6 +7,7 @@ from pydantic import BaseModel, ValidationError
 
 from config import Settings, get_settings
 from schemas import AppFrame, IframeInstall, InstallEvent, RobotCall, UninstallEvent, parse_php_form
+from services.body_guard import BodyLimits
 from services.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 from services.processing import ProcessingService
 
@@ -19,6 +20,7 @@ class AppState(TypedDict):
     """What the lifespan builds once and every request shares."""
 
     service: ProcessingService
+    body_limits: BodyLimits
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

@@ -24,6 +24,12 @@ from repositories.token_store import JsonTokenStore, TokenStoreError
 from router import router
 from services import pages
 from services.bitrix_client import BitrixClient, BitrixError
+from services.body_guard import (
+    BodyGuardMiddleware,
+    BodyLimits,
+    raise_file_limit,
+    return_large_buffers_to_the_system,
+)
 from services.errors import AppError, ErrorCode
 from services.observability import configure_logging, register_secret, request_id_var
 from services.processing import ProcessingService
@@ -50,6 +56,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
     settings = _settings(app)
     configure_logging(settings.log_level)
     register_secret(*settings.secret_values())
+    raise_file_limit()
+    return_large_buffers_to_the_system()
     _report_settings(settings)
     timeout = httpx.Timeout(settings.http_timeout_seconds, connect=5.0)
     async with httpx.AsyncClient(
@@ -66,7 +74,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
         service = ProcessingService(settings, tokens, bitrix, journal, states, worker.wake)
         task = asyncio.create_task(worker.run(), name="job-worker")
         try:
-            yield AppState(service=service)
+            yield AppState(service=service, body_limits=BodyLimits(settings.body_timeout_seconds))
         finally:
             task.cancel()
             with suppress(asyncio.CancelledError):
@@ -196,6 +204,7 @@ def create_app() -> FastAPI:
     app = FastAPI(title="Bitrix24 contact robot", version="1.0.0", lifespan=lifespan)
     app.include_router(router)
     register_exception_handlers(app)
+    app.add_middleware(BodyGuardMiddleware)
     app.add_middleware(RequestContextMiddleware)
     return app
 

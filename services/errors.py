@@ -4,7 +4,8 @@ together with the repositories' `TokenStoreError` (503 `storage_error`) and the 
 AppError                      status, stable `code`, message
 ├── BadRequest                400  the body is not what this endpoint takes
 │   ├── PayloadTooLarge       413
-│   └── UnsupportedMediaType  415
+│   ├── UnsupportedMediaType  415
+│   └── RequestTimeout        408  the body did not arrive in time (the connection is closed)
 ├── InvalidOAuthState         400  wrong, used, expired or foreign `state`
 ├── UnknownPortal             401  `member_id` of a portal we never installed
 ├── InvalidApplicationToken   403  `application_token` does not match the stored one
@@ -21,6 +22,7 @@ class ErrorCode(StrEnum):
     BAD_REQUEST = "bad_request"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    REQUEST_TIMEOUT = "request_timeout"
     INVALID_STATE = "invalid_oauth_state"
     UNKNOWN_PORTAL = "unknown_portal"
     INVALID_APPLICATION_TOKEN = "invalid_application_token"  # noqa: S105 (a code, not a secret)
@@ -57,6 +59,11 @@ class PayloadTooLarge(BadRequest):
 class UnsupportedMediaType(BadRequest):
     status_code = 415
     code = ErrorCode.UNSUPPORTED_MEDIA_TYPE
+
+
+class RequestTimeout(BadRequest):
+    status_code = 408
+    code = ErrorCode.REQUEST_TIMEOUT
 
 
 class InvalidOAuthState(AppError):

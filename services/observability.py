@@ -76,7 +76,7 @@ class RedactingFormatter(logging.Formatter):
         record.context = _context()
         return redact(super().format(record))
 
-    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+    def formatMessage(self, record: logging.LogRecord) -> str:
         record.message = escape_controls(record.message)
         return super().formatMessage(record)
 

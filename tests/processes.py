@@ -1,6 +1,7 @@
 """Run the app as a real uvicorn process, for tests that kill it or run several of it."""
 
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -40,12 +41,29 @@ def app_env(portal: FakePortal, app_url: str, **extra: str) -> dict[str, str]:
 class AppProcess:
     """`python -m uvicorn main:app` in `workdir` (so its state files land there)."""
 
-    def __init__(self, workdir: Path, env: dict[str, str], port: int, log: Path, workers: int = 1) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        env: dict[str, str],
+        port: int,
+        log: Path,
+        workers: int = 1,
+        file_limit: int | None = None,
+    ) -> None:
+        """`file_limit`: start with this soft limit on open files (as many systems' 1,024)."""
         self.url = f"http://127.0.0.1:{port}"
         self._log = log.open("ab")
         command = [sys.executable, "-m", "uvicorn", "main:app", "--app-dir", str(PROJECT)]
         command += ["--host", "127.0.0.1", "--port", str(port), "--no-access-log", "--workers", str(workers)]
-        self.process = subprocess.Popen(command, cwd=workdir, env=env, stdout=self._log, stderr=self._log)
+
+        def limit_files() -> None:
+            if file_limit is not None:
+                hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+                resource.setrlimit(resource.RLIMIT_NOFILE, (file_limit, hard))
+
+        self.process = subprocess.Popen(
+            command, cwd=workdir, env=env, stdout=self._log, stderr=self._log, preexec_fn=limit_files
+        )
         self._wait_ready()
 
     def _wait_ready(self, timeout: float = 20.0) -> None:
