@@ -16,7 +16,8 @@ before anything is replayed.
     │   ├── OAuthInvalidGrant          no   invalid_grant: re-authorize at /oauth/login
     │   ├── OAuthInvalidClient         no   invalid_client, wrong_client: check the credentials
     │   └── OAuthPaymentRequired       no   PAYMENT_REQUIRED: renew the subscription
-    └── PortalNotConnected             no   no usable tokens are stored for the portal
+    ├── PortalNotConnected             no   no usable tokens are stored for the portal
+    └── NoSpareCapacity                no   an install proof found no spare room in the rate limit
 """
 
 import asyncio
@@ -112,6 +113,10 @@ class OAuthPaymentRequired(OAuthError):
 
 class PortalNotConnected(BitrixError):
     admin_hint = "The app holds no tokens for this portal; install the app or open /oauth/login."
+
+
+class NoSpareCapacity(BitrixError):
+    admin_hint = "Unproven installs may only use the spare half of the portal's rate limit."
 
 
 _AUTH_CODES = {"NO_AUTH_FOUND", "INVALID_TOKEN", "INVALID_CREDENTIALS", "WRONG_AUTH_TYPE"}
@@ -230,6 +235,39 @@ class BitrixClient:
             member_id="-", domain="-", client_endpoint=client_endpoint, access_token=access_token
         )
         return await self._call_with_retry(record, method, params or {})
+
+    async def probe_with_token(
+        self, client_endpoint: str, access_token: str, method: str, time_limit: float
+    ) -> Any:
+        """One request with an unproven token: no retry, a short timeout, and only if the portal's
+        rate limit has room to spare. The portal counts every request, a forged token's too, before
+        it checks the token (wire doc 4.1): a stranger's install must not spend what robot work needs.
+
+        Raises:
+            NoSpareCapacity: half the portal's bucket or more is in use; nothing was sent.
+            BitrixError: the call failed.
+        """
+        url = client_endpoint.rstrip("/") + "/" + method
+        if not await self._limiter.try_spare(urlsplit(url).netloc):
+            raise NoSpareCapacity(f"{method}: the portal's rate limit has no room to spare")
+        try:
+            response = await self._http.post(url, json={"auth": access_token}, timeout=time_limit)
+        except httpx.HTTPError as exc:
+            raise BitrixTransportError(f"{method}: {type(exc).__name__} talking to {url}") from exc
+        logger.info("REST %s -> %d (install proof)", url, response.status_code)
+        return _envelope_result(response, method)
+
+    async def refresh_unstored(self, refresh_token: str) -> TokenResponse:
+        """Refresh a pair the store does not hold yet (an install's), at `BITRIX_OAUTH_URL` only.
+
+        The reply names the portal the authorization server issued the pair for: `member_id` and
+        `client_endpoint`. b24restdocs settings/oauth/index.md: the authorization server is "the
+        only trusted source" about the application on a portal.
+
+        Raises:
+            OAuthError: the server refused the refresh token or our credentials.
+        """
+        return await self._token_request({"grant_type": "refresh_token", "refresh_token": refresh_token})
 
     async def batch(
         self, member_id: str, commands: Mapping[str, tuple[str, Mapping[str, Any]]]

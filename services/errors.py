@@ -11,6 +11,7 @@ AppError                      status, stable `code`, message
 ├── InvalidApplicationToken   403  `application_token` does not match the stored one
 ├── ForeignPortal             403  a portal other than the configured one
 ├── InstallRejected           403  tokens the portal does not confirm as ours
+├── TooManyInstalls           429  unproven installs of this portal are already being checked
 ├── NotConfigured             503  required settings are missing
 └── UpstreamUnavailable       502  the portal or the OAuth server failed
 """
@@ -28,6 +29,7 @@ class ErrorCode(StrEnum):
     INVALID_APPLICATION_TOKEN = "invalid_application_token"  # noqa: S105 (a code, not a secret)
     FOREIGN_PORTAL = "foreign_portal"
     INSTALL_REJECTED = "install_rejected"
+    TOO_MANY_INSTALLS = "too_many_installs"
     NOT_CONFIGURED = "not_configured"
     STORAGE_ERROR = "storage_error"
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"
@@ -88,6 +90,11 @@ class ForeignPortal(AppError):
 class InstallRejected(AppError):
     status_code = 403
     code = ErrorCode.INSTALL_REJECTED
+
+
+class TooManyInstalls(AppError):
+    status_code = 429
+    code = ErrorCode.TOO_MANY_INSTALLS
 
 
 class NotConfigured(AppError):

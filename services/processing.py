@@ -29,6 +29,7 @@ from services.bitrix_client import (
     BitrixApiError,
     BitrixClient,
     BitrixError,
+    NoSpareCapacity,
     OAuthError,
 )
 from services.errors import (
@@ -38,8 +39,10 @@ from services.errors import (
     InstallRejected,
     InvalidOAuthState,
     NotConfigured,
+    TooManyInstalls,
     UpstreamUnavailable,
 )
+from services.install_guard import PROOF_TIMEOUT_SECONDS, ProofGate
 from services.observability import portal_var, register_secret, workflow_var
 from services.robot_definition import robot_fields
 from services.trust import allowed_portal, verify_callback
@@ -74,6 +77,7 @@ class ProcessingService:
         self._journal = journal
         self._states = states
         self._wake_worker = wake_worker
+        self._proofs = ProofGate()
 
     # --- install -------------------------------------------------------------------------------
 
@@ -119,30 +123,56 @@ class ProcessingService:
     async def _install(self, candidate: PortalTokens) -> PortalTokens:
         portal_var.set(candidate.domain)
         register_secret(candidate.access_token, candidate.refresh_token, candidate.application_token)
-        await self._prove(candidate)
+        candidate = await self._prove(candidate)
         await self._tokens.save(candidate)
         logger.info("Install from portal %s (%s): tokens stored", candidate.domain, candidate.member_id)
         record = await self._register_robot(candidate)
         await self._bind_uninstall(candidate.member_id)
         return record
 
-    async def _prove(self, candidate: PortalTokens) -> None:
+    async def _prove(self, candidate: PortalTokens) -> PortalTokens:
+        """The candidate as the portal and the authorization server vouch for it, or refused.
+
+        Runs under the installs' own budget (services/install_guard.py), never the robot's.
+        """
+        async with self._proofs.slot(candidate.domain):
+            await self._prove_ours(candidate)
+            return await self._vouched(candidate)
+
+    async def _prove_ours(self, candidate: PortalTokens) -> None:
         """Tokens count only once the portal they claim confirms they belong to our app."""
         token = candidate.access_token or ""
         try:
-            info = await self._bitrix.call_with_token(candidate.client_endpoint, token, "app.info")
-        except BitrixError as exc:
-            # A portal that is down or over its limit says nothing about the tokens: 502, not 403.
-            if exc.retryable or not isinstance(exc, BitrixApiError):
-                raise UpstreamUnavailable(
-                    f"The portal {candidate.domain} could not be reached: {exc}"
-                ) from exc
-            raise InstallRejected(
-                f"The portal {candidate.domain} did not confirm the tokens ({exc})."
+            info = await self._bitrix.probe_with_token(
+                candidate.client_endpoint, token, "app.info", PROOF_TIMEOUT_SECONDS
+            )
+        except NoSpareCapacity as exc:
+            raise TooManyInstalls(
+                f"Too many installs of {candidate.domain} are being verified; the portal may retry later."
             ) from exc
+        except BitrixError as exc:
+            raise _proof_failed(candidate.domain, "did not confirm the tokens", exc) from exc
         code = info.get("CODE") if isinstance(info, dict) else None
         if code != self._settings.bitrix_client_id:
             raise InstallRejected(f"The tokens belong to another app ({code!r}), not BITRIX_CLIENT_ID.")
+
+    async def _vouched(self, candidate: PortalTokens) -> PortalTokens:
+        """The record under the `member_id` the authorization server names for these tokens.
+
+        The body's `member_id` is the caller's word; the refresh reply is the server's (b24restdocs
+        settings/oauth/index.md). The refreshed pair replaces the install's, which is now spent.
+        """
+        try:
+            reply = await self._bitrix.refresh_unstored(candidate.refresh_token or "")
+        except BitrixError as exc:
+            raise _proof_failed(candidate.domain, "did not vouch for the refresh token", exc) from exc
+        register_secret(reply.access_token, reply.refresh_token)
+        host = urlsplit(reply.client_endpoint).netloc.lower()
+        if reply.member_id != candidate.member_id or host != candidate.domain:
+            raise InstallRejected(
+                "The authorization server issued these tokens for another portal than the body names."
+            )
+        return candidate.with_tokens(reply)
 
     async def _register_robot(self, record: PortalTokens) -> PortalTokens:
         fields = robot_fields(self._settings)
@@ -322,6 +352,13 @@ class ProcessingService:
         missing = self._settings.missing()
         if missing:
             raise NotConfigured(f"Set {', '.join(missing)} (in .env or the environment) and restart the app.")
+
+
+def _proof_failed(domain: str, what: str, exc: BitrixError) -> AppError:
+    # A portal that is down or over its limit says nothing about the tokens: 502, not 403.
+    if exc.retryable or not isinstance(exc, BitrixApiError | OAuthError):
+        return UpstreamUnavailable(f"The portal {domain} could not be reached: {exc}")
+    return InstallRejected(f"The portal {domain} {what} ({exc}).")
 
 
 def _portal_status(record: PortalTokens) -> PortalStatus:

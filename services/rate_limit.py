@@ -17,7 +17,19 @@ class PortalRateLimiter:
 
     async def acquire(self, portal: str) -> None:
         """Wait until the portal's bucket has room for one more request."""
+        await self._bucket(portal).acquire()
+
+    async def try_spare(self, portal: str) -> bool:
+        """Take one request of the bucket's spare room, never waiting: only while at least half
+        the bucket stays free for the app's own work. False when there is none to spare."""
+        bucket = self._bucket(portal)
+        if not bucket.has_capacity(1 + self._burst // 2):
+            return False
+        await bucket.acquire()  # does not wait: has_capacity() just said so, and nothing ran since
+        return True
+
+    def _bucket(self, portal: str) -> AsyncLimiter:
         bucket = self._buckets.get(portal)
         if bucket is None:
             bucket = self._buckets[portal] = AsyncLimiter(self._burst, self._period)
-        await bucket.acquire()
+        return bucket
