@@ -32,6 +32,7 @@ from services.body_guard import (
 )
 from services.errors import AppError, ErrorCode
 from services.observability import configure_logging, register_secret, request_id_var
+from services.page_headers import PageHeadersMiddleware
 from services.processing import ProcessingService
 from services.rate_limit import PortalRateLimiter
 from services.retry import RetryPolicy
@@ -205,6 +206,7 @@ def create_app() -> FastAPI:
     app.include_router(router)
     register_exception_handlers(app)
     app.add_middleware(BodyGuardMiddleware)
+    app.add_middleware(PageHeadersMiddleware)
     app.add_middleware(RequestContextMiddleware)
     return app
 

@@ -333,6 +333,20 @@ class ProcessingService:
         runs = await self._journal.recent(20)
         return StatusReport(health=health, portals=portals, runs=runs, verified=True)
 
+    async def frame_origins(self) -> list[str]:
+        """Origins that may frame the app's pages: the configured portal and the installed ones."""
+        origins = set()
+        if self._settings.bitrix_portal_url:
+            parts = urlsplit(self._settings.bitrix_portal_url)
+            origins.add(f"{parts.scheme}://{parts.netloc}".lower())
+        try:
+            records = await self._tokens.list()
+        except TokenStoreError:
+            records = []
+        for record in records:
+            origins.add(f"{urlsplit(record.client_endpoint).scheme}://{record.domain}".lower())
+        return sorted(origins)
+
     async def _is_portal_frame(self, frame: AppFrame) -> bool:
         try:
             verify_callback(self._settings, await self._tokens.get(frame.member_id), frame.as_auth())
