@@ -5,10 +5,11 @@ would: php-src `main/php_variables.c`, `add_post_var` (split on `&`, then on the
 `php_url_decode` both halves) and `php_register_variable_ex` (the bracket rules below).
 
 The body is not authenticated yet when it is parsed, so nothing here may cost more than a few
-milliseconds, whatever the body. The cost is bounded before any work is done: at most
-`MAX_FIELDS` fields (PHP's `max_input_vars`) and keys of at most `MAX_KEY_BYTES`; a body beyond
-either is refused, not parsed. The rest is linear in the body: one split, and each key or value
-is unquoted only when it holds a `%` or `+`.
+milliseconds, whatever the body. Before any parsing, one scan in C each refuses more than
+`MAX_FIELDS` fields (PHP's `max_input_vars`), more than `MAX_ESCAPES` escapes and malformed ones;
+while parsing, keys over `MAX_KEY_BYTES` and more than `MAX_INDEXES` bracket levels in all are
+refused. A body without an escaped `&` or `=` (a portal's usual one) is decoded in one C pass and
+then split; key parses are cached.
 """
 
 import codecs
@@ -21,7 +22,7 @@ from services.errors import BadRequest, PayloadTooLarge
 MAX_FIELDS = 1000  # PHP's `max_input_vars` default, which the portal itself runs with
 MAX_NESTING = 64  # PHP's `max_input_nesting_level`: a deeper key drops its whole variable, as in PHP
 MAX_KEY_BYTES = 512  # the longest key a portal sends is `properties[<property code>][<index>]`
-MAX_INDEXES = 2048  # bracket levels in all keys together: two per field would still fit
+MAX_INDEXES = 1024  # bracket levels in all keys together: a robot call has about 40
 MAX_ESCAPES = 65536  # `%XX` in the whole body: a robot call's inputs are names, a phone, an e-mail
 
 # PHP's `isspace()` (C locale): one of these right after `[` is skipped when looking for `]`.
@@ -29,6 +30,7 @@ _SPACE = frozenset(" \t\n\v\f\r")
 # `ZEND_HANDLE_NUMERIC_STR`: keys spelled as a canonical decimal integer are integer keys.
 _INT_KEY = re.compile(r"0|-?[1-9][0-9]{0,18}")
 _LONG = (-(2**63), 2**63 - 1)
+_NUMERIC = frozenset("-0123456789")  # how an index that may be an integer key starts
 # PHP keeps a `%` without two hex digits as it is; `urlencode()` never writes one, so no portal does.
 _BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 
@@ -48,7 +50,7 @@ class _Array(dict[str, Any]):
             index = 0 if self.next_index == _LONG[0] else self.next_index
             key = str(index)
             self.next_index = index + 1
-        elif key[:1] in "-0123456789" and _INT_KEY.fullmatch(key):
+        elif key[:1] in _NUMERIC and _INT_KEY.fullmatch(key):
             number = int(key)
             if _LONG[0] <= number <= _LONG[1] and number >= self.next_index:
                 self.next_index = number + 1
@@ -72,21 +74,39 @@ def parse_php_form(body: bytes | str) -> dict[str, Any]:
     raw = body.encode("utf-8") if isinstance(body, str) else body
     _check_size(raw)
     root = _Array(MAX_INDEXES)
-    for pair in raw.split(b"&"):
-        if not pair:
-            continue
-        key, _, value = pair.partition(b"=")
+    for key, value in _fields(raw):
         if len(key) > MAX_KEY_BYTES:
             raise PayloadTooLarge(f"A form field name is longer than {MAX_KEY_BYTES} bytes.")
-        # Inlined, as is `_register`'s common case: this loop runs for every field of every call.
-        text = _decode(value) if b"%" in value or b"+" in value else value.decode("utf-8", "replace")
         path = _key(key)
-        if path is not None and not path[1]:
-            root[path[0]] = text  # a plain name: never appended to at the top level
-        elif path is not None:
-            _register(root, path, text)
+        if path is None:
+            continue
+        name, indexes = path
+        if not indexes:
+            root[name] = value  # a plain name: never appended to at the top level
+        elif len(indexes) == 1 and indexes[0] and indexes[0][0] not in _NUMERIC:
+            # `auth[domain]`, `properties[phone]`: most of a portal's keys, inlined for speed.
+            root.budget -= 1
+            node = root.get(name)
+            if node.__class__ is not _Array:
+                node = root.child(name)
+            node[indexes[0]] = value
+        else:
+            _register(root, path, value)
+    if root.budget < 0:
+        raise PayloadTooLarge(f"The form's keys nest more than {MAX_INDEXES} bracket levels in all.")
     # The top level stays a mapping even for `0=a&1=b`: callers look keys up in it.
-    return {key: _listify(value) for key, value in root.items()}
+    return {key: _listify(value) if value.__class__ is _Array else value for key, value in root.items()}
+
+
+def _fields(raw: bytes) -> list[tuple[str, str]]:
+    """The decoded (name, value) pairs, split on `&` and then on the first `=`, as PHP does."""
+    if b"%26" in raw or b"%3D" in raw or b"%3d" in raw:
+        # An escaped `&` or `=`: split first, then decode each half.
+        pairs = (pair.partition(b"=") for pair in raw.split(b"&") if pair)
+        return [(_decode(key), _decode(value)) for key, _, value in pairs]
+    # No escaped separator (a portal's usual body): decoding first splits the same, in one C pass.
+    pieces = (piece.partition("=") for piece in _decode(raw).split("&") if piece)
+    return [(key, value) for key, _, value in pieces]
 
 
 def _check_size(raw: bytes) -> None:
@@ -130,13 +150,12 @@ _TOO_DEEP: tuple[str | None, ...] = (None,) * (MAX_NESTING + 1)
 
 
 @lru_cache(maxsize=2048)
-def _key(raw_key: bytes) -> tuple[str, tuple[str | None, ...]] | None:
-    """The variable name and bracket indexes of a raw key, as PHP reads them; None to skip it.
+def _key(key: str) -> tuple[str, tuple[str | None, ...]] | None:
+    """The variable name and bracket indexes of a decoded key, as PHP reads them; None to skip it.
 
     Cached: a portal sends the same few dozen keys in every call. Bounded, so any key costs at
     most one parse of at most `MAX_KEY_BYTES`.
     """
-    key = _decode(raw_key)
     if "\0" in key:  # PHP reads the name as a C string
         key = key[: key.index("\0")]
     key = key.lstrip(" ")
@@ -183,11 +202,18 @@ def _indexes(key: str, bracket: int) -> tuple[list[str | None], str | None] | No
 
 
 def _listify(node: Any) -> Any:
-    """An array whose keys are exactly 0..n-1 becomes a list, in index order."""
-    if not isinstance(node, dict):
+    """An array whose keys are exactly 0..n-1 becomes a list, in index order; others stay dicts.
+
+    Done in place: the arrays were built for this result and are not shared.
+    """
+    if not isinstance(node, _Array):
         return node
-    items = {key: _listify(value) for key, value in node.items()}
-    # n distinct keys that include every index 0..n-1 are exactly those indexes.
-    if items and all(str(index) in items for index in range(len(items))):
-        return [items[str(index)] for index in range(len(items))]
-    return items
+    for key, value in node.items():
+        if isinstance(value, _Array):
+            node[key] = _listify(value)
+    size = len(node)
+    # The next free index is n exactly when the largest integer key is n-1; only then can the
+    # n distinct keys be 0..n-1, which the check below confirms.
+    if size and node.next_index == size and all(str(index) in node for index in range(size)):
+        return [node[str(index)] for index in range(size)]
+    return node
