@@ -12,8 +12,8 @@ import asyncio
 import ctypes
 import ctypes.util
 import logging
-import resource
 import sys
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -26,12 +26,33 @@ LARGE_BODY_SLOTS = 8
 _M_MMAP_THRESHOLD = -3  # glibc mallopt() parameter
 
 
+TRIM_DELAY_SECONDS = 1.0
+
+
 class BodyLimits:
     """The deadline and the slots for large bodies; one per app, made in the lifespan."""
 
     def __init__(self, timeout_seconds: float, large_slots: int = LARGE_BODY_SLOTS) -> None:
         self.timeout_seconds = timeout_seconds
         self.large = asyncio.Semaphore(large_slots)
+        self._large_requests = 0
+        self._trim: asyncio.TimerHandle | None = None
+
+    def large_started(self) -> None:
+        self._large_requests += 1
+
+    def large_ended(self) -> None:
+        """When the last large body is gone, give its memory back to the system (once, shortly)."""
+        self._large_requests -= 1
+        if self._large_requests == 0 and self._trim is None and _LIBC is not None:
+            self._trim = asyncio.get_running_loop().call_later(TRIM_DELAY_SECONDS, self._trim_now)
+
+    def _trim_now(self) -> None:
+        self._trim = None
+        if self._large_requests == 0 and _LIBC is not None:
+            # glibc keeps freed heap pages (uvicorn's 64 KB buffers, our bodies) for reuse;
+            # malloc_trim(0) hands the free ones back, so RSS falls after a burst of large bodies.
+            _LIBC.malloc_trim(0)
 
 
 def _declared_length(scope: Scope) -> int | None:
@@ -48,6 +69,8 @@ class _GuardedBody:
         self._receive, self._limits, self._deadline, self._large = receive, limits, deadline, large
         self._slot_held = False
         self._done = False
+        if large:
+            limits.large_started()
 
     async def receive(self) -> Message:
         if self._done:  # after the body: a disconnect, which may take as long as it takes
@@ -69,6 +92,8 @@ class _GuardedBody:
         if self._slot_held:
             self._slot_held = False
             self._limits.large.release()
+        if self._large:
+            self._limits.large_ended()
 
 
 class BodyGuardMiddleware:
@@ -107,12 +132,29 @@ def raise_file_limit() -> None:
     descriptors genuine calls need (the default soft limit is often 1,024)."""
     if sys.platform == "win32":
         return
+    import resource  # POSIX only
+
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         except (ValueError, OSError) as exc:
             logger.warning("Could not raise the open-files limit from %d: %s", soft, exc)
+
+
+def _glibc() -> Any:
+    """glibc, for mallopt() and malloc_trim(); None elsewhere (musl, macOS, Windows)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+
+
+_LIBC = _glibc()
 
 
 def return_large_buffers_to_the_system() -> None:
@@ -122,12 +164,5 @@ def return_large_buffers_to_the_system() -> None:
     the heap, which it rarely gives back: RSS then stays at its peak after a burst of large
     bodies. With a fixed threshold the memory of a finished body goes back to the system.
     """
-    if not sys.platform.startswith("linux"):
-        return
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        if libc is not None and hasattr(libc, "mallopt"):
-            libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
-    except OSError:  # not glibc (musl has no mallopt): nothing to tune
-        return
+    if _LIBC is not None:
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
