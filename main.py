@@ -29,6 +29,7 @@ from services.observability import configure_logging, register_secret, request_i
 from services.processing import ProcessingService
 from services.rate_limit import PortalRateLimiter
 from services.retry import RetryPolicy
+from services.token_upkeep import TokenUpkeep
 from services.worker import JobWorker
 
 logger = logging.getLogger(__name__)
@@ -65,12 +66,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
         worker = JobWorker(journal, bitrix, settings, policy)
         service = ProcessingService(settings, tokens, bitrix, journal, states, worker.wake)
         task = asyncio.create_task(worker.run(), name="job-worker")
+        upkeep = asyncio.create_task(TokenUpkeep(tokens, bitrix, settings).run(), name="token-upkeep")
         try:
             yield AppState(service=service)
         finally:
-            task.cancel()
-            with suppress(asyncio.CancelledError):
-                await task
+            for background in (task, upkeep):
+                background.cancel()
+                with suppress(asyncio.CancelledError):
+                    await background
             await journal.close()
             await states.close()
             logger.info("Shut down")

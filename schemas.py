@@ -173,9 +173,23 @@ class PortalTokens(BaseModel):
     server_endpoint: str | None = None
     robot_registered_at: float | None = None
     updated_at: float = Field(default_factory=time.time)
+    # When the refresh token was issued (it dies 180 days later); None: at `updated_at` or before.
+    refresh_issued_at: float | None = None
+    # Set when the stored pair no longer works (the refresh was refused for good): the sentence
+    # health and the status page show. A new pair (refresh, robot call, install, login) clears it.
+    disconnected_reason: str | None = None
 
     def expires_within(self, seconds: float) -> bool:
         return self.expires_at - time.time() < seconds
+
+    @property
+    def works(self) -> bool:
+        """Whether this pair can still be used and refreshed, as far as the app knows."""
+        return bool(self.access_token and self.refresh_token) and self.disconnected_reason is None
+
+    def refresh_age(self) -> float:
+        """Seconds since the refresh token was issued."""
+        return time.time() - (self.refresh_issued_at or self.updated_at)
 
     def with_tokens(self, reply: TokenResponse) -> "PortalTokens":
         """The record after a refresh; a reply without a refresh token keeps the old one."""
@@ -187,6 +201,8 @@ class PortalTokens(BaseModel):
                 "scope": reply.scope or self.scope,
                 "user_id": reply.user_id if reply.user_id is not None else self.user_id,
                 "updated_at": time.time(),
+                "refresh_issued_at": time.time() if reply.refresh_token else self.refresh_issued_at,
+                "disconnected_reason": None,
             }
         )
 
@@ -230,6 +246,11 @@ class PortalStatus(BaseModel):
     token_valid_for_seconds: int
     can_refresh: bool
     robot_registered: bool
+    # False when the stored pair no longer works; `disconnected_reason` then says why and what helps.
+    connected: bool = True
+    disconnected_reason: str | None = None
+    # Set while the newest tokens are only in memory because the token file cannot be written.
+    tokens_unsaved: str | None = None
 
 
 class RobotRun(BaseModel):

@@ -66,7 +66,9 @@ async def test_store_turns_every_os_error_into_token_store_error(
 
     assert str(path) in str(raised.value)
     assert cause in str(raised.value)
-    assert (await JsonTokenStore(path).get(_record().member_id)) == _record()
+    stored = await JsonTokenStore(path).get(_record().member_id)
+    assert stored is not None
+    assert stored.access_token == _record().access_token
 
 
 @pytest.mark.parametrize(

@@ -116,7 +116,10 @@ async def test_refresh_tokens_are_renewed_before_they_expire(
         assert portal.stats["refreshes"] >= 2
 
         # ...and the stored pair still works: no refresh was ever refused.
-        await eventually(lambda: portal.refresh_token_alive(_stored(renewing_settings, portal)["refresh_token"]))
+        def stored_alive() -> bool:
+            return portal.refresh_token_alive(_stored(renewing_settings, portal)["refresh_token"])
+
+        await eventually(stored_alive, what="a live stored token")
         assert not any("invalid_grant" in error for error in portal.recent_errors)
         portal.expire_access_tokens()
         token, body = portal.robot_call_body(GOOD)
