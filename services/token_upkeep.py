@@ -35,15 +35,28 @@ class TokenUpkeep:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         next_check = loop.time()
-        while True:
-            try:
-                await self._flush()
-                if loop.time() >= next_check:
-                    next_check = loop.time() + self._check_every
-                    await self.renew_aging()
-            except Exception:
-                logger.exception("Token upkeep failed; trying again shortly")
-            await asyncio.sleep(min(_FLUSH_SECONDS, self._check_every))
+        try:
+            while True:
+                try:
+                    await self._flush()
+                    if loop.time() >= next_check:
+                        next_check = loop.time() + self._check_every
+                        await self.renew_aging()
+                except Exception:
+                    logger.exception("Token upkeep failed; trying again shortly")
+                await asyncio.sleep(min(_FLUSH_SECONDS, self._check_every))
+        finally:
+            await self._last_flush()
+
+    async def _last_flush(self) -> None:
+        await self._flush()
+        for member_id, error in self._tokens.unsaved().items():
+            logger.error(
+                "Shutting down with the newest tokens of portal %s unsaved (%s): they are lost; the "
+                "portal's next robot call reconnects it, or open /oauth/login.",
+                member_id,
+                error,
+            )
 
     async def _flush(self) -> None:
         if not self._tokens.unsaved():

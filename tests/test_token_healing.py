@@ -17,7 +17,7 @@ from tests.fake_portal import FakePortal, FakePortalConfig
 pytestmark = pytest.mark.anyio
 
 GOOD = {"last_name": "Ivanov", "first_name": "Ivan", "email": "ivan@example.com"}
-REFRESH_TTL = 2.0  # the fake authorization server's 180 days, shortened
+REFRESH_TTL = 3.0  # the fake authorization server's 180 days, shortened
 
 
 @pytest.fixture
@@ -88,8 +88,8 @@ async def test_a_working_stored_pair_is_not_replaced_by_a_robot_call(
 
 @pytest.fixture
 def renewing_settings(tmp_path: Path, portal: FakePortal) -> Settings:
-    # Renew a refresh token once it is half a second old; it dies after REFRESH_TTL.
-    return make_settings(tmp_path, portal, token_renew_after_seconds=0.5)
+    # Renew a refresh token once it is 0.3 s old; it dies after REFRESH_TTL.
+    return make_settings(tmp_path, portal, token_renew_after_seconds=0.3)
 
 
 async def test_refresh_tokens_are_renewed_before_they_expire(
