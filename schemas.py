@@ -158,6 +158,10 @@ class TokenResponse(_Wire):
     user_id: int | None = None
 
 
+# "The lifetime of `refresh_token` is 180 days" (b24restdocs settings/oauth/auto-renewal.md).
+REFRESH_TOKEN_LIFETIME = 180 * 86400.0
+
+
 class PortalTokens(BaseModel):
     """One portal's record in the token store."""
 
@@ -185,7 +189,12 @@ class PortalTokens(BaseModel):
     @property
     def works(self) -> bool:
         """Whether this pair can still be used and refreshed, as far as the app knows."""
-        return bool(self.access_token and self.refresh_token) and self.disconnected_reason is None
+        usable = bool(self.access_token and self.refresh_token) and self.disconnected_reason is None
+        return usable and not self.refresh_expired()
+
+    def refresh_expired(self) -> bool:
+        """Past the refresh token's documented lifetime: the OAuth server no longer takes it."""
+        return self.refresh_age() >= REFRESH_TOKEN_LIFETIME
 
     def refresh_age(self) -> float:
         """Seconds since the refresh token was issued."""

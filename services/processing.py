@@ -48,6 +48,7 @@ from services.trust import allowed_portal, verify_callback
 logger = logging.getLogger(__name__)
 
 STATE_TTL_SECONDS = 600.0
+_RECONNECT = "The portal's next robot call reconnects it, or open /oauth/login."
 _KEPT = "The newest tokens of portal {} are kept in memory until the file can be written."
 _ALREADY_THERE = {"ERROR_ACTIVITY_ALREADY_INSTALLED", "ERROR_ACTIVITY_ADD_FAILURE"}
 
@@ -358,8 +359,10 @@ class ProcessingService:
 
 def _portal_status(record: PortalTokens, unsaved: str | None) -> PortalStatus:
     reason = record.disconnected_reason
-    if not reason and not record.works:
-        reason = "No usable tokens are stored; install the app again, or open /oauth/login."
+    if not reason and record.refresh_expired():
+        reason = "Its refresh token is over 180 days old and has expired. " + _RECONNECT
+    elif not reason and not record.works:
+        reason = "No usable tokens are stored. " + _RECONNECT
     return PortalStatus(
         member_id=record.member_id,
         domain=record.domain,

@@ -126,3 +126,20 @@ async def test_refresh_tokens_are_renewed_before_they_expire(
         await post_form(client, "/robot", body)
         assert (await answer_for(portal, token))["return_values"]["error"] == ""
         assert (await _portal_status(client))["portal_connected"] is True
+
+
+async def test_a_pair_past_180_days_is_known_dead_and_the_first_robot_call_heals_it(
+    installed: httpx.AsyncClient, portal: FakePortal, settings: Settings
+) -> None:
+    # The app was stopped for half a year: by the documented lifetime its refresh token is dead.
+    data = json.loads(settings.token_file.read_text())
+    data["portals"][portal.config.member_id]["refresh_issued_at"] = time.time() - 181 * 86400
+    settings.token_file.write_text(json.dumps(data))
+    assert (await _portal_status(installed))["portal_connected"] is False
+
+    token, body = portal.robot_call_body(GOOD)
+    await post_form(installed, "/robot", body)
+
+    assert (await answer_for(portal, token))["return_values"]["error"] == ""
+    assert _stored(settings, portal)["refresh_token"] == _call_pair(body)[1]
+    assert (await _portal_status(installed))["portal_connected"] is True
