@@ -1570,6 +1570,7 @@ class _ControlApi:
             Route("/_fake/install-body", self.install_body, methods=post),
             Route("/_fake/iframe-install", self.iframe_install, methods=post),
             Route("/_fake/uninstall-body", self.uninstall_body, methods=post),
+            Route("/_fake/update-body", self.update_body, methods=post),
             Route("/_fake/robot-body", self.robot_body, methods=post),
             Route("/_fake/authorize-redirect", self.authorize_redirect, methods=post),
             Route("/_fake/hold", self.hold, methods=post),
@@ -1621,6 +1622,13 @@ class _ControlApi:
         )
         return JSONResponse({"body": body})
 
+    async def update_body(self, request: Request) -> Response:
+        data = await _json_object(request)
+        body = self.portal.update_event_body(
+            application_token=data.get("application_token"), user_id=int(data.get("user_id", 1))
+        )
+        return JSONResponse({"body": body})
+
     async def robot_body(self, request: Request) -> Response:
         data = await _json_object(request)
         options: dict[str, Any] = {
@@ -1630,6 +1638,8 @@ class _ControlApi:
             options["timeout_duration"] = data["timeout_duration"]
         if "document_id" in data:
             options["document_id"] = tuple(data["document_id"])
+        if "use_subscription" in data:
+            options["use_subscription"] = str(data["use_subscription"])
         token, body = self.portal.robot_call_body(data.get("properties") or {}, **options)
         return JSONResponse({"event_token": token, "body": body})
 

@@ -16,6 +16,11 @@ from asgi_lifespan import LifespanManager
 
 from config import Settings, get_settings
 from main import create_app
+from repositories.token_store import JsonTokenStore
+from services.bitrix_client import BitrixClient
+from services.rate_limit import PortalRateLimiter
+from services.retry import RetryPolicy
+from services.robot_registration import CHECK_INTERVAL_SECONDS, RobotRegistration
 from tests.conftest import APP_URL, eventually, make_settings, post_form
 from tests.fake_portal import FakePortal, FakePortalConfig
 
@@ -124,6 +129,29 @@ async def test_start_updates_the_robot_to_the_current_definition(tmp_path: Path,
             what="the robot updated at start",
         )
     assert portal.stats["per_method"].get("bizproc.robot.update", 0) >= 1
+
+
+async def test_the_check_runs_again_every_hour(
+    installed: httpx.AsyncClient, portal: FakePortal, settings: Settings
+) -> None:
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        if len(waits) == 1:
+            portal.delete_robots()  # lost between two checks
+            return
+        raise asyncio.CancelledError
+
+    tokens = JsonTokenStore(settings.token_file)
+    async with httpx.AsyncClient() as http:
+        bitrix = BitrixClient(http, tokens, settings, PortalRateLimiter(50, 2.0))
+        robots = RobotRegistration(settings, tokens, bitrix, RetryPolicy(), sleep=sleep)
+        with pytest.raises(asyncio.CancelledError):
+            await robots.keep_registered()
+
+    assert waits == [CHECK_INTERVAL_SECONDS, CHECK_INTERVAL_SECONDS] == [3600.0, 3600.0]
+    assert "create_contact" in portal.robots
 
 
 # --- 5: a plan without automation rules ----------------------------------------------------------
