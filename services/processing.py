@@ -38,14 +38,13 @@ from services.errors import (
     BadRequest,
     ForeignPortal,
     InstallRejected,
-    InvalidApplicationToken,
     InvalidOAuthState,
     NotConfigured,
     UpstreamUnavailable,
 )
 from services.observability import portal_var, register_secret, workflow_var
 from services.robot_registration import Outcome, RobotRegistration
-from services.trust import allowed_portal, rest_base, verify_callback
+from services.trust import allowed_portal, verify_callback
 
 logger = logging.getLogger(__name__)
 
@@ -179,8 +178,11 @@ class ProcessingService:
         """ONAPPUPDATE: the portal deleted the robot; store the event's tokens, register it again."""
         portal_var.set(event.auth.domain)
         deadline = asyncio.get_running_loop().time() + self._settings.install_timeout_seconds
-        record = await self._verified_update(event, deadline)
-        record = _with_event_tokens(record, event)
+        # Verified like /uninstall. A request whose application_token differs is refused even if
+        # its access token is valid: any user who opens the app holds such a token, and must not
+        # be able to choose the secret that authenticates robot calls.
+        stored = await self._tokens.get(event.auth.member_id)
+        record = _with_event_tokens(verify_callback(self._settings, stored, event.auth), event)
         await self._tokens.save(record)
         version = event.data.get("VERSION", "?")
         logger.info(
@@ -190,28 +192,6 @@ class ProcessingService:
             record.member_id, deadline - asyncio.get_running_loop().time(), bind_events=False
         )
         return Installed(record, robot)
-
-    async def _verified_update(self, event: UpdateEvent, deadline: float) -> PortalTokens:
-        """Verified like /uninstall; a new application_token counts once the event's tokens prove it.
-
-        The portal may hand out a new application_token with the update
-        (`settings/cloud-and-on-premise/security-recommendations.md`); the event's access token
-        then proves it as an install would, against the portal we installed on.
-        """
-        stored = await self._tokens.get(event.auth.member_id)
-        try:
-            return verify_callback(self._settings, stored, event.auth)
-        except InvalidApplicationToken:
-            if stored is None or not event.auth.access_token:
-                raise
-            endpoint = allowed_portal(self._settings, event.auth.domain, event.auth.client_endpoint)
-            if endpoint != rest_base(stored.client_endpoint):
-                raise
-            register_secret(event.auth.access_token, event.auth.application_token)
-            candidate = stored.model_copy(update={"access_token": event.auth.access_token})
-            await self._prove_in_time(candidate, deadline)
-            logger.info("Portal %s sent a new application_token with the update; stored", stored.domain)
-            return stored.model_copy(update={"application_token": event.auth.application_token})
 
     # --- OAuth ---------------------------------------------------------------------------------
 
