@@ -1501,8 +1501,6 @@ class FakePortal:
     async def _rest(self, request: Request) -> Response:
         await self._wait_while_held()
         method = _method_name(str(request.path_params["method"]))
-        while await self._method_held(method):
-            await asyncio.sleep(0.01)
         started = time.time()
         params: dict[str, Any] = {}
         bad_body: PortalError | None = None
@@ -1510,6 +1508,9 @@ class FakePortal:
             params = await _read_params(request)  # awaited outside the lock, never under it
         except PortalError as exc:
             bad_body = exc
+        # Held after the body is read: a client that gives up meanwhile leaves nothing unread.
+        while await self._method_held(method):
+            await asyncio.sleep(0.01)
         with self._state.lock:
             try:
                 if bad_body is not None:
