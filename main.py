@@ -36,6 +36,8 @@ from services.page_headers import PageHeadersMiddleware
 from services.processing import ProcessingService
 from services.rate_limit import PortalRateLimiter
 from services.retry import RetryPolicy
+from services.robot_registration import RobotRegistration
+from services.token_upkeep import TokenUpkeep
 from services.worker import JobWorker
 
 logger = logging.getLogger(__name__)
@@ -72,14 +74,20 @@ async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
         limiter = PortalRateLimiter(settings.rate_limit_burst, settings.rate_limit_per_second)
         bitrix = BitrixClient(http, tokens, settings, limiter, policy)
         worker = JobWorker(journal, bitrix, settings, policy)
-        service = ProcessingService(settings, tokens, bitrix, journal, states, worker.wake)
+        robots = RobotRegistration(settings, tokens, bitrix, policy)
+        # At start and every hour, by the one process that leads the job worker.
+        worker.while_leading(robots.keep_registered)
+        service = ProcessingService(settings, tokens, bitrix, journal, states, worker.wake, robots)
         task = asyncio.create_task(worker.run(), name="job-worker")
+        upkeep = asyncio.create_task(TokenUpkeep(tokens, bitrix, settings).run(), name="token-upkeep")
         try:
             yield AppState(service=service, body_limits=BodyLimits(settings.body_timeout_seconds))
         finally:
-            task.cancel()
-            with suppress(asyncio.CancelledError):
-                await task
+            for background in (task, upkeep):
+                background.cancel()
+                with suppress(asyncio.CancelledError):
+                    await background
+            await robots.close()
             await journal.close()
             await states.close()
             logger.info("Shut down")

@@ -13,6 +13,8 @@ AppError                      status, stable `code`, message
 ├── InstallRejected           403  tokens the portal does not confirm as ours
 ├── TooManyInstalls           429  unproven installs of this portal are already being checked
 ├── NotConfigured             503  required settings are missing
+├── AutomationUnavailable     409  the portal's plan has no automation rules (no bizproc.robot.*)
+├── HandlerUrlRefused         409  the portal refuses APP_BASE_URL as a handler address
 └── UpstreamUnavailable       502  the portal or the OAuth server failed
 """
 
@@ -33,6 +35,8 @@ class ErrorCode(StrEnum):
     NOT_CONFIGURED = "not_configured"
     STORAGE_ERROR = "storage_error"
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"
+    AUTOMATION_UNAVAILABLE = "automation_unavailable"
+    HANDLER_URL_REFUSED = "handler_url_refused"
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     HTTP_ERROR = "http_error"
@@ -105,3 +109,13 @@ class NotConfigured(AppError):
 class UpstreamUnavailable(AppError):
     status_code = 502
     code = ErrorCode.UPSTREAM_UNAVAILABLE
+
+
+class AutomationUnavailable(AppError):
+    status_code = 409
+    code = ErrorCode.AUTOMATION_UNAVAILABLE
+
+
+class HandlerUrlRefused(AppError):
+    status_code = 409
+    code = ErrorCode.HANDLER_URL_REFUSED
