@@ -203,7 +203,8 @@ class ProcessingService:
             raise InstallRejected(
                 "The authorization server issued these tokens for another portal than the body names."
             )
-        return candidate.with_tokens(reply)
+        # The user stays the install's own: finding who installed is the robot registration's job.
+        return candidate.with_tokens(reply).model_copy(update={"user_id": candidate.user_id})
 
     # --- update --------------------------------------------------------------------------------
 

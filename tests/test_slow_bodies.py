@@ -17,6 +17,7 @@ from tests.fake_portal import FakePortal
 from tests.processes import AppProcess, app_env, free_port
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+RESET = b"(connection reset)"
 
 
 def start_app(tmp_path: Path, portal: FakePortal, file_limit: int | None = None, **env: str) -> AppProcess:
@@ -58,10 +59,17 @@ def open_slow_body(app: AppProcess, declared: int, sent: bytes = b"event_token="
 
 
 def read_until_closed(sock: socket.socket) -> bytes:
-    """Everything the server sends until it closes the connection (30 s at most per read)."""
+    """Everything the server sends until it closes the connection (30 s at most per read).
+
+    A server that closes with part of a large body unread makes the kernel reset the connection,
+    which may drop the reply before it is read: that is closed too, shown as RESET.
+    """
     reply = b""
-    while chunk := sock.recv(65536):
-        reply += chunk
+    try:
+        while chunk := sock.recv(65536):
+            reply += chunk
+    except ConnectionResetError:
+        return reply or RESET
     return reply
 
 
@@ -78,7 +86,8 @@ def test_a_body_not_delivered_in_time_gets_408_and_a_closed_connection(
 
 
 def test_many_slow_and_large_bodies_do_not_starve_genuine_calls(app: AppProcess, portal: FakePortal) -> None:
-    stop, attackers, lock = threading.Event(), [], threading.Lock()
+    stop, lock = threading.Event(), threading.Lock()
+    attackers: list[tuple[socket.socket, bool]] = []
 
     def attack() -> None:
         # Keeps about 150 slow bodies and more large ones than there are slots open, 600 at most.
@@ -92,7 +101,7 @@ def test_many_slow_and_large_bodies_do_not_starve_genuine_calls(app: AppProcess,
             except OSError:
                 continue
             with lock:
-                attackers.append(sock)
+                attackers.append((sock, declared > 5000))
 
     thread = threading.Thread(target=attack)
     thread.start()
@@ -103,13 +112,15 @@ def test_many_slow_and_large_bodies_do_not_starve_genuine_calls(app: AppProcess,
         thread.join(60)
     with lock:
         opened = list(attackers)
-    replies = [read_until_closed(sock) for sock in opened]
-    for sock in opened:
+    replies = [(read_until_closed(sock), large) for sock, large in opened]
+    for sock, _ in opened:
         sock.close()
 
     assert statuses == [200] * 10
-    assert len(opened) > LARGE_BODY_SLOTS
-    assert all(reply.startswith(b"HTTP/1.1 408") for reply in replies), {r[:40] for r in replies}
+    assert sum(large for _, large in opened) > LARGE_BODY_SLOTS
+    # Every attacker was answered 408 and closed; a large one may see the close as a reset.
+    refused = {reply[:12] for reply, large in replies if not (large and reply == RESET)}
+    assert refused == {b"HTTP/1.1 408"}, refused
 
 
 def test_slow_clients_beyond_the_default_file_limit_do_not_lock_genuine_calls_out(
