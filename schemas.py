@@ -173,6 +173,8 @@ class PortalTokens(BaseModel):
     server_endpoint: str | None = None
     robot_registered_at: float | None = None
     updated_at: float = Field(default_factory=time.time)
+    renamed_from: str | None = None  # the portal's previous host, after a rename the app followed
+    moved_to: str | None = None  # a new REST address the settings refused (BITRIX_PORTAL_URL pins the old)
 
     def expires_within(self, seconds: float) -> bool:
         return self.expires_at - time.time() < seconds
@@ -186,6 +188,7 @@ class PortalTokens(BaseModel):
                 "expires_at": expiry(reply.expires, reply.expires_in),
                 "scope": reply.scope or self.scope,
                 "user_id": reply.user_id if reply.user_id is not None else self.user_id,
+                "server_endpoint": reply.server_endpoint or self.server_endpoint,
                 "updated_at": time.time(),
             }
         )

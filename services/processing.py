@@ -202,7 +202,11 @@ class ProcessingService:
         raise BadRequest("Set BITRIX_PORTAL_URL, or open /oauth/login?domain=your-portal.bitrix24.ru")
 
     async def finish_login(
-        self, code: str | None, state: str | None, browser_nonce: str | None
+        self,
+        code: str | None,
+        state: str | None,
+        browser_nonce: str | None,
+        server_domain: str | None = None,
     ) -> PortalTokens:
         """OAuth callback: check `state`, exchange `code`, store the tokens."""
         if not state:
@@ -215,7 +219,7 @@ class ProcessingService:
         register_secret(code)
         self._require_configured()
         try:
-            reply = await self._bitrix.exchange_code(code)
+            reply = await self._bitrix.exchange_code(code, server_domain)
         except OAuthError as exc:
             raise InstallRejected(
                 f"The authorization server refused the code: {exc}. {exc.admin_hint}"

@@ -309,6 +309,8 @@ class _Writes:
 
     def retry(self, job: Job, error: BitrixError, policy: RetryPolicy) -> None:
         delay = policy.delay(job.attempts, error.retry_after)
+        if error.resume_at is not None:  # e.g. a method blocked until the portal resets its time limit
+            delay = max(0.0, error.resume_at - time.time())
         self.retries.append((job.id, delay, str(error)))
         _set_context(job)
         logger.warning("Job %d: %s; retry in %.1fs", job.id, error, delay)
