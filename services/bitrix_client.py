@@ -256,6 +256,13 @@ def api_error(status_code: int, error: str, description: str, method: str) -> Bi
     return cls(status_code, error, description, method)
 
 
+def action_hint(error: BitrixError) -> str:
+    """The admin hint of a classified portal error, after a space; "" for an unclassified one."""
+    if type(error) in (BitrixApiError, BitrixServerError):
+        return ""
+    return f" {error.admin_hint}"
+
+
 def php_query(params: Mapping[str, Any]) -> str:
     """Encode nested params like PHP's `http_build_query`, as `batch` commands need them."""
     pairs: list[str] = []

@@ -21,7 +21,7 @@ from filelock import FileLock, Timeout
 
 from config import Settings
 from repositories.job_journal import Job, JobJournal, JobState
-from services.bitrix_client import BatchResult, BitrixAccessDenied, BitrixClient, BitrixError
+from services.bitrix_client import BatchResult, BitrixAccessDenied, BitrixClient, BitrixError, action_hint
 from services.contact_validation import InvalidContactData, contact_fields
 from services.observability import portal_var, workflow_var
 from services.retry import RetryPolicy
@@ -372,4 +372,4 @@ def _answer_params(job: Job) -> dict[str, Any]:
 
 def _portal_refused(error: BitrixError) -> str:
     detail = getattr(error, "description", "") or str(error)
-    return f"The portal refused to create the contact: {detail}"
+    return f"The portal refused to create the contact: {detail}{action_hint(error)}"
