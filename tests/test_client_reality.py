@@ -91,8 +91,13 @@ def _with_limits(bx: Harness, clock: Clock) -> BitrixClient:
 
 
 def _batch_reply(results: dict[str, Any], errors: dict[str, Any], times: dict[str, Any]) -> httpx.Response:
-    body = {"result": results or [], "result_error": errors or [], "result_total": [], "result_next": [],
-            "result_time": times or []}  # fmt: skip
+    body: dict[str, Any] = {
+        "result": results or [],
+        "result_error": errors or [],
+        "result_total": [],
+        "result_next": [],
+        "result_time": times or [],
+    }
     return httpx.Response(200, json={"result": body, "time": {"operating": 0}})
 
 
@@ -154,7 +159,10 @@ async def test_in_a_batch_each_command_counts_for_its_own_method(bx: Harness) ->
             _batch_reply({"b": True}, {}, {"b": {"operating": 0.2}}),
         ]
     )
-    commands = {"a": ("crm.contact.add", {"fields": {}}), "b": ("bizproc.event.send", {"event_token": "t"})}
+    commands: dict[str, tuple[str, dict[str, Any]]] = {
+        "a": ("crm.contact.add", {"fields": {}}),
+        "b": ("bizproc.event.send", {"event_token": "t"}),
+    }
 
     first = await client.batch(MEMBER_ID, commands)
     second = await client.batch(MEMBER_ID, commands)
