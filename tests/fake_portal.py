@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import copy
 import json
+import math
 import re
 import secrets
 import signal
@@ -361,7 +362,8 @@ class _State:
         buckets = self._buckets(method, now)
         oldest = buckets[0][0] if buckets else now
         return {
-            "operating_reset_at": int(oldest + self.config.operating_window),
+            # Whole seconds as the portal sends them, rounded up: at that time the bucket is gone.
+            "operating_reset_at": math.ceil(oldest + self.config.operating_window),
             "operating": sum(b[1] for b in buckets),
         }
 
