@@ -10,8 +10,9 @@ from asgi_lifespan import LifespanManager
 
 from config import get_settings
 from main import create_app
+from services.bitrix_client import BitrixApiError, BitrixAuthError, api_error
 from tests.conftest import APP_URL, answer_for, eventually, make_settings, post_form
-from tests.fake_portal import FakePortal, FakePortalConfig
+from tests.fake_portal import PORTAL_ERRORS, FakePortal, FakePortalConfig
 
 pytestmark = pytest.mark.anyio
 
@@ -100,33 +101,37 @@ async def test_workflow_texts_quoting_such_values_reach_the_workflow_exactly(
     assert '"$time[job2][date_start]"' in answer["log_message"]
 
 
-@pytest.mark.parametrize(
-    "code",
-    [
-        "WRONG_AUTH_TYPE",
-        "INVALID_CREDENTIALS",
-        "authorization_error",
-        "ERROR_OAUTH",
-        "APPLICATION_NOT_FOUND",
-        "METHOD_CONFIRM_DENIED",
-        "PAYMENT_REQUIRED",
-        "insufficient_scope",
-        "ACCESS_DENIED",
-    ],
-)
+REFUSALS = [
+    "WRONG_AUTH_TYPE",
+    "INVALID_CREDENTIALS",
+    "authorization_error",
+    "ERROR_OAUTH",
+    "APPLICATION_NOT_FOUND",
+    "METHOD_CONFIRM_DENIED",
+    "PAYMENT_REQUIRED",
+    "insufficient_scope",
+    "ACCESS_DENIED",
+]
+
+
+@pytest.mark.parametrize("where", ["crm.contact.add", "batch"])  # one command, or the whole request
+@pytest.mark.parametrize("code", REFUSALS)
 async def test_a_refusal_is_answered_with_its_hint_and_not_reauthorized(
-    installed: httpx.AsyncClient, portal: FakePortal, code: str
+    installed: httpx.AsyncClient, portal: FakePortal, code: str, where: str
 ) -> None:
-    portal.fail_with("crm.contact.add", code)
+    status, description = PORTAL_ERRORS[code]
+    expected = api_error(status, code, description, where)
+    portal.fail_with(where, code)
     token, body = portal.robot_call_body(GOOD)
 
     assert (await post_form(installed, "/robot", body)).status_code == 200
 
     answer = await answer_for(portal, token)
     error = answer["return_values"]["error"]
-    assert error.startswith("The portal refused to create the contact")
+    assert type(expected) not in (BitrixApiError, BitrixAuthError)  # classified, not "re-authorize"
+    assert expected.admin_hint in error
     assert "/oauth/login" not in error
-    assert len(error) > len("The portal refused to create the contact: ") + 40  # the hint is there
+    assert not expected.retryable
     assert portal.contacts == []
     assert portal.stats["refreshes"] == 0
 
