@@ -233,6 +233,9 @@ class PortalStatus(BaseModel):
     token_valid_for_seconds: int
     can_refresh: bool
     robot_registered: bool
+    renamed_from: str | None = None  # the previous host of a renamed portal the app followed
+    moved_to: str | None = None  # a new address refused because BITRIX_PORTAL_URL pins the old one
+    move_advice: str | None = None  # what to change then, in one sentence
 
 
 class RobotRun(BaseModel):

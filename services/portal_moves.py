@@ -63,3 +63,14 @@ def moved_record(settings: Settings, record: PortalTokens, new_endpoint: str) ->
         "moved_to": None,
     }
     return record.model_copy(update=update)
+
+
+def move_advice(record: PortalTokens) -> str | None:
+    """For the status page: the setting to change when a rename was refused."""
+    if not record.moved_to:
+        return None
+    parts = urlsplit(record.moved_to)
+    return (
+        f"The portal {record.domain} has moved to {parts.netloc}: set BITRIX_PORTAL_URL="
+        f"{parts.scheme}://{parts.netloc} and restart the app."
+    )

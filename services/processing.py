@@ -41,6 +41,7 @@ from services.errors import (
     UpstreamUnavailable,
 )
 from services.observability import portal_var, register_secret, workflow_var
+from services.portal_moves import move_advice
 from services.robot_definition import robot_fields
 from services.trust import allowed_portal, verify_callback
 
@@ -335,4 +336,7 @@ def _portal_status(record: PortalTokens) -> PortalStatus:
         token_valid_for_seconds=max(0, int(record.expires_at - time.time())),
         can_refresh=bool(record.refresh_token),
         robot_registered=record.robot_registered_at is not None,
+        renamed_from=record.renamed_from,
+        moved_to=record.moved_to,
+        move_advice=move_advice(record),
     )

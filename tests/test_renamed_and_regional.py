@@ -17,6 +17,8 @@ from asgi_lifespan import LifespanManager
 
 from config import Settings, get_settings
 from main import create_app
+from schemas import PortalTokens
+from services.portal_moves import move_advice
 from tests.conftest import APP_URL, answer_for, eventually, post_form
 from tests.fake_portal import FakePortal, FakePortalConfig
 from tests.host_routing import HostRouting
@@ -119,6 +121,10 @@ async def test_a_pinned_old_address_refuses_and_names_the_setting(
     record = next(iter(_stored(settings).values()))
     assert record["client_endpoint"] == f"{OLD}/rest/"
     assert record["moved_to"] == f"{NEW}/rest/"
+    assert move_advice(PortalTokens.model_validate(record)) == (
+        "The portal b24-old.bitrix24.ru has moved to b24-new.bitrix24.ru: "
+        "set BITRIX_PORTAL_URL=https://b24-new.bitrix24.ru and restart the app."
+    )
     assert "b24-new.bitrix24.ru" not in routing.seen  # the token never went to the unconfirmed host
 
 
