@@ -93,6 +93,8 @@ class MethodLimits:
         """The portal said OPERATION_TIME_LIMIT: suspend the method; returns when to try again."""
         budget = self._budget(member_id, method)
         now = self._clock()
+        if budget.blocked_until > now and not budget.probing:
+            return budget.blocked_until  # known already (another command of the same batch)
         if budget.operating > 0:
             self._limit = min(self._limit, budget.operating)
         # First retry at the last reply's reset time; a probe that is refused waits for the next bucket.

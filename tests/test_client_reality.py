@@ -174,6 +174,21 @@ async def test_in_a_batch_each_command_counts_for_its_own_method(bx: Harness) ->
     assert list(sent) == ["b"]  # the blocked method stayed home; the answer went out
 
 
+async def test_several_refused_commands_of_one_method_keep_its_reset_time(bx: Harness) -> None:
+    clock = Clock()
+    client = _with_limits(bx, clock)
+    await bx.install()
+    reset_at = clock.now + 200
+    bx.router.post(f"{REST}crm.contact.add").mock(return_value=_ok(1, 5.0, reset_at))
+    await client.call(MEMBER_ID, "crm.contact.add", {})
+    limited = {"error": "OPERATION_TIME_LIMIT", "error_description": "Method is blocked"}
+    bx.router.post(f"{REST}batch").mock(return_value=_batch_reply({}, {"a": limited, "b": limited}, {}))
+
+    outcome = await client.batch(MEMBER_ID, {key: ("crm.contact.add", {}) for key in ("a", "b")})
+
+    assert [error.resume_at for error in outcome.errors.values()] == [reset_at, reset_at]
+
+
 async def test_a_probe_in_flight_holds_the_rest_of_its_method(bx: Harness) -> None:
     clock = Clock()
     client = _with_limits(bx, clock)
