@@ -45,7 +45,7 @@ async def limited_app(tmp_path: Path, limited_portal: FakePortal) -> AsyncIterat
 
 
 async def test_a_time_limited_method_waits_for_its_reset_while_answers_go_on(
-    limited_app: httpx.AsyncClient, limited_portal: FakePortal
+    limited_app: httpx.AsyncClient, limited_portal: FakePortal, caplog: pytest.LogCaptureFixture
 ) -> None:
     first, body = limited_portal.robot_call_body(GOOD)
     assert (await post_form(limited_app, "/robot", body)).status_code == 200
@@ -65,6 +65,8 @@ async def test_a_time_limited_method_waits_for_its_reset_while_answers_go_on(
     assert [c["LAST_NAME"] for c in limited_portal.contacts] == ["Ivanov", "Petrov"]
     # One refused call, then the call at the reset time: not a retry every few seconds.
     assert limited_portal.stats["per_method"]["crm.contact.add"] == 3
+    retries = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Job 2: ")]
+    assert len([m for m in retries if "retry in" in m]) == 1  # rescheduled once, for the reset time
 
 
 async def test_names_that_look_like_batch_references_reach_the_crm_exactly(
