@@ -409,8 +409,8 @@ class BitrixClient:
             error = outcome.errors.get(key)
             if isinstance(error, BitrixMethodLimited):
                 error.resume_at = self.limits.block(member_id, method)
-            elif error is None and isinstance(times, dict):
-                self.limits.observe(member_id, method, times.get(key))
+            elif error is None:  # it ran, so it is not blocked, with or without figures
+                self.limits.observe(member_id, method, times.get(key) if isinstance(times, dict) else None)
 
     async def _call_alone(
         self, member_id: str, key: str, method: str, params: Mapping[str, Any], outcome: BatchResult
