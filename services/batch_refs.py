@@ -20,7 +20,7 @@ _REFERENCE = re.compile(r"\$(?:result|error|time|next|total)\S*?\[[^\]\s]+\]", r
 def has_batch_reference(value: Any) -> bool:
     """Whether any key or value in `value` (nested) is something `batch` would substitute."""
     if isinstance(value, str):
-        return _REFERENCE.search(value) is not None
+        return "$" in value and _REFERENCE.search(value) is not None
     if isinstance(value, Mapping):
         return any(has_batch_reference(str(key)) or has_batch_reference(item) for key, item in value.items())
     if isinstance(value, list | tuple):
