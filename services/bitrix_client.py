@@ -387,7 +387,8 @@ class BitrixClient:
         except httpx.HTTPError as exc:
             raise BitrixTransportError(f"{method}: {type(exc).__name__} talking to {url}") from exc
         logger.info("REST %s -> %d (install proof)", url, response.status_code)
-        return _envelope_result(response, method)
+        result, _ = _envelope_result(response, method)  # the time block: only robot work tracks it
+        return result
 
     async def refresh_unstored(self, refresh_token: str, server_endpoint: str | None) -> TokenResponse:
         """Refresh a pair the store does not hold yet (an install's), at its authorization server
