@@ -141,9 +141,12 @@ class ProcessingService:
         registration goes on in the background.
         """
         portal_var.set(candidate.domain)
-        register_secret(candidate.access_token, candidate.refresh_token, candidate.application_token)
+        claimed = (candidate.access_token, candidate.refresh_token, candidate.application_token)
         deadline = asyncio.get_running_loop().time() + self._settings.install_timeout_seconds
         candidate = await self._prove_in_time(candidate, deadline)
+        # Registered once proven: a flood of forged installs would otherwise churn the registry
+        # (and rebuild its pattern) with every request. Nothing logged before this carries them.
+        register_secret(*claimed)
         await self._tokens.save(candidate)
         logger.info("Install from portal %s (%s): tokens stored", candidate.domain, candidate.member_id)
         robot = await self._robots.register_within(

@@ -64,3 +64,19 @@ async def test_the_stored_record_is_the_one_the_authorization_server_names(
 
     assert response.status_code == 200, response.text
     assert list(stored(settings)) == [portal.config.member_id]
+
+
+async def test_a_forged_install_leaves_the_secret_registry_alone(
+    client: httpx.AsyncClient, portal: FakePortal
+) -> None:
+    # Registering each forged token would rebuild the log's secret pattern on every request of a
+    # flood, slowing every genuine call's log line (measured in bench/attacks.py).
+    from services import observability
+
+    forged = "f0" * 16
+    body = replaced(portal.install_event_body(), "auth[access_token]", forged)
+
+    response = await post_form(client, "/install", body)
+
+    assert response.status_code == 403, response.text
+    assert forged not in observability._SECRETS
