@@ -126,6 +126,7 @@ class IframeInstall(_Wire):
     member_id: str = Field(pattern=MEMBER_ID)
     DOMAIN: str = Field(min_length=1, max_length=255)
     PROTOCOL: Literal["0", "1"] = "1"
+    LANG: str = Field(default="", max_length=16)  # the user's interface language (query string)
 
 
 class RobotCall(_Wire):
@@ -173,6 +174,11 @@ class PortalTokens(BaseModel):
     server_endpoint: str | None = None
     robot_registered_at: float | None = None
     updated_at: float = Field(default_factory=time.time)
+    # The portal's language (`LANGUAGE_ID` of the install, `LANG` of the frame): the workflow's
+    # messages are in it. None: the portal has not said.
+    language: str | None = None
+    # When the current refresh token was issued: it rotates on every refresh and lives 180 days.
+    refresh_token_issued_at: float | None = None
 
     def expires_within(self, seconds: float) -> bool:
         return self.expires_at - time.time() < seconds
@@ -187,6 +193,9 @@ class PortalTokens(BaseModel):
                 "scope": reply.scope or self.scope,
                 "user_id": reply.user_id if reply.user_id is not None else self.user_id,
                 "updated_at": time.time(),
+                "refresh_token_issued_at": time.time()
+                if reply.refresh_token
+                else self.refresh_token_issued_at,
             }
         )
 
@@ -220,6 +229,8 @@ class QueueStats(BaseModel):
     done: int = 0
     failed: int = 0
     abandoned: int = 0
+    # Of `done`: answered with `contact_id` 0 and a reason (bad data, or the portal refused).
+    answered_with_error: int = 0
 
 
 class PortalStatus(BaseModel):
@@ -230,6 +241,10 @@ class PortalStatus(BaseModel):
     token_valid_for_seconds: int
     can_refresh: bool
     robot_registered: bool
+    refresh_token_age_days: float | None = None  # None: the store does not know when it was issued
+    refresh_token_days_left: float | None = None
+    robot_checked_at: float | None = None  # when the robot was last registered or checked
+    disconnected: bool = False  # the portal refused our tokens for good; reinstall or /oauth/login
 
 
 class RobotRun(BaseModel):
@@ -242,6 +257,7 @@ class RobotRun(BaseModel):
     contact_id: int
     error: str
     created_at: float
+    document_id: str = ""  # `crm/CCrmDocumentDeal/DEAL_4521`: the CRM document the workflow runs on
 
 
 class Health(BaseModel):
@@ -255,6 +271,15 @@ class Health(BaseModel):
     queue: QueueStats
 
 
+class HandlerWarning(BaseModel):
+    """Why the portal may not reach the robot handler: a message key of the page and its values."""
+
+    code: Literal["dotless_host", "private_address", "plain_http", "port_mismatch"]
+    host: str = ""
+    url_port: int | None = None
+    listen_port: int | None = None
+
+
 class StatusReport(BaseModel):
     """The status page: portal details and recent runs only for a verified portal user."""
 
@@ -262,6 +287,10 @@ class StatusReport(BaseModel):
     portals: list[PortalStatus] = Field(default_factory=list)
     runs: list[RobotRun] = Field(default_factory=list)
     verified: bool = False
+    handler_url: str = ""
+    handler_warnings: list[HandlerWarning] = Field(default_factory=list)
+    portal_url: str | None = None  # https://example.bitrix24.ru, for links to CRM documents
+    language: Literal["ru", "en"] = "en"
 
 
 class AppFrame(_Wire):
@@ -271,6 +300,7 @@ class AppFrame(_Wire):
     APPLICATION_TOKEN: str = Field(min_length=1, max_length=256)
     DOMAIN: str = Field(min_length=1, max_length=255)
     PROTOCOL: Literal["0", "1"] = "1"
+    LANG: str = Field(default="", max_length=16)  # the user's interface language (query string)
 
     def as_auth(self) -> EventAuth:
         """The frame's credentials in the shape every callback check takes."""

@@ -33,6 +33,7 @@ from pydantic import ValidationError
 from config import Settings
 from repositories.token_store import TokenStore
 from schemas import PortalTokens, TokenResponse
+from services import metrics
 from services.rate_limit import PortalRateLimiter
 from services.retry import RetryPolicy
 
@@ -275,10 +276,15 @@ class BitrixClient:
                     {"grant_type": "refresh_token", "refresh_token": record.refresh_token}
                 )
             except OAuthError as exc:
+                metrics.TOKEN_REFRESHES.labels(outcome="refused").inc()
                 logger.error(
                     "Refreshing the token of portal %s failed: %s. %s", record.domain, exc, exc.admin_hint
                 )
                 raise
+            except BitrixError:
+                metrics.TOKEN_REFRESHES.labels(outcome="error").inc()
+                raise
+            metrics.TOKEN_REFRESHES.labels(outcome="ok").inc()
             updated = record.with_tokens(reply)
             # Persist before replaying: the old refresh token is already dead on the server.
             await self._tokens.save(updated)
@@ -326,7 +332,9 @@ class BitrixClient:
             # The token travels in the JSON body, so the URL we log carries no secret.
             response = await self._http.post(url, json={**params, "auth": record.access_token})
         except httpx.HTTPError as exc:
+            metrics.observe_rest(method, None, time.perf_counter() - started)
             raise BitrixTransportError(f"{method}: {type(exc).__name__} talking to {url}") from exc
+        metrics.observe_rest(method, response.status_code, time.perf_counter() - started)
         elapsed = (time.perf_counter() - started) * 1000
         logger.info("REST %s -> %d in %.0f ms", url, response.status_code, elapsed)
         logger.debug("REST %s reply: %s", method, response.text[:2000])

@@ -18,6 +18,7 @@ from schemas import (
     InstallEvent,
     PortalStatus,
     PortalTokens,
+    QueueStats,
     RobotAck,
     RobotCall,
     StatusReport,
@@ -25,6 +26,7 @@ from schemas import (
     UninstallEvent,
     expiry,
 )
+from services import messages, metrics
 from services.bitrix_client import (
     BitrixApiError,
     BitrixClient,
@@ -40,6 +42,7 @@ from services.errors import (
     NotConfigured,
     UpstreamUnavailable,
 )
+from services.handler_check import handler_warnings
 from services.observability import portal_var, register_secret, workflow_var
 from services.robot_definition import robot_fields
 from services.trust import allowed_portal, verify_callback
@@ -47,6 +50,7 @@ from services.trust import allowed_portal, verify_callback
 logger = logging.getLogger(__name__)
 
 STATE_TTL_SECONDS = 600.0
+REFRESH_TOKEN_LIFETIME_DAYS = 180  # wire doc 2.5; each refresh issues a new refresh token
 _ALREADY_THERE = {"ERROR_ACTIVITY_ALREADY_INSTALLED", "ERROR_ACTIVITY_ADD_FAILURE"}
 
 
@@ -95,6 +99,8 @@ class ProcessingService:
             scope=auth.scope,
             user_id=auth.user_id,
             server_endpoint=auth.server_endpoint,
+            language=_language_id(event.data.get("LANGUAGE_ID")),
+            refresh_token_issued_at=time.time(),
         )
         return await self._install(candidate)
 
@@ -113,6 +119,8 @@ class ProcessingService:
             application_token=form.APPLICATION_TOKEN,
             scope=form.APPLICATION_SCOPE,
             server_endpoint=form.SERVER_ENDPOINT,
+            language=form.LANG or None,
+            refresh_token_issued_at=time.time(),
         )
         return await self._install(candidate)
 
@@ -252,6 +260,7 @@ class ProcessingService:
         workflow_var.set(call.workflow_id or "-")
         record = verify_callback(self._settings, await self._tokens.get(call.auth.member_id), call.auth)
         job_id, created = await self._journal.add(self._new_job(call, record))
+        metrics.ROBOT_CALLS.labels(outcome="accepted" if created else "duplicate").inc()
         if not created:
             logger.info("Robot call delivered again; job %d already has it", job_id)
             return RobotAck(status="duplicate", job_id=job_id)
@@ -294,14 +303,46 @@ class ProcessingService:
             queue=await self._journal.stats(),
         )
 
-    async def status_report(self, frame: AppFrame | None) -> StatusReport:
+    async def queue_stats(self) -> QueueStats:
+        """The journal's counts, for `/metrics`."""
+        return await self._journal.stats()
+
+    async def status_report(
+        self, frame: AppFrame | None, accept_language: str | None, listen_port: int | None
+    ) -> StatusReport:
         """The status page; portal details and recent runs only for a user inside that portal."""
         health = await self.health()
+        settings = self._settings
+        report = StatusReport(
+            health=health,
+            handler_url=settings.robot_handler_url,
+            handler_warnings=handler_warnings(settings.app_base_url, listen_port),
+            language=messages.choose(
+                await self._page_language(frame), accept_language, settings.default_language
+            ),
+        )
         if frame is None or not await self._is_portal_frame(frame):
-            return StatusReport(health=health)
+            return report
         portals, _ = await self._portal_statuses()
-        runs = await self._journal.recent(20)
-        return StatusReport(health=health, portals=portals, runs=runs, verified=True)
+        scheme = "https" if frame.PROTOCOL == "1" else "http"
+        return report.model_copy(
+            update={
+                "portals": portals,
+                "runs": await self._journal.recent(20),
+                "verified": True,
+                "portal_url": f"{scheme}://{frame.DOMAIN.lower()}",
+            }
+        )
+
+    async def _page_language(self, frame: AppFrame | None) -> str | None:
+        """The frame's `LANG`; else the installed portal's language, when there is one portal."""
+        if frame is not None and frame.LANG:
+            return frame.LANG
+        try:
+            portals = await self._tokens.list()
+        except TokenStoreError:
+            return None  # the page says so elsewhere; it still renders
+        return portals[0].language if len(portals) == 1 else None
 
     async def _is_portal_frame(self, frame: AppFrame) -> bool:
         try:
@@ -325,10 +366,19 @@ class ProcessingService:
 
 
 def _portal_status(record: PortalTokens) -> PortalStatus:
+    issued = record.refresh_token_issued_at
+    age = None if issued is None or not record.refresh_token else (time.time() - issued) / 86400
     return PortalStatus(
         member_id=record.member_id,
         domain=record.domain,
         token_valid_for_seconds=max(0, int(record.expires_at - time.time())),
         can_refresh=bool(record.refresh_token),
         robot_registered=record.robot_registered_at is not None,
+        refresh_token_age_days=age,
+        refresh_token_days_left=None if age is None else max(0.0, REFRESH_TOKEN_LIFETIME_DAYS - age),
+        robot_checked_at=record.robot_registered_at,
     )
+
+
+def _language_id(value: object) -> str | None:
+    return value.strip() if isinstance(value, str) and value.strip() else None

@@ -165,6 +165,9 @@ class FakePortalConfig:
     rate_drain: float = 2.0  # leaky bucket Y per second
     redirect_uri: str = "http://127.0.0.1:8000/app"  # where /oauth/authorize/ redirects
     admin_user_id: int = 1
+    # The portal's language: `data[LANGUAGE_ID]` of ONAPPINSTALL and `LANG` of the frame (wire doc
+    # 1.2, 1.4); real portals send `ru`, `en`, `de`, ...
+    language: str = "en"
 
 
 class PortalError(Exception):
@@ -1149,7 +1152,7 @@ class FakePortal:
             with self._state.lock:
                 self._state.app_token = application_token
         pair = self._state.issue_tokens(user_id)
-        data = {"VERSION": "1", "ACTIVE": "Y", "INSTALLED": "Y", "LANGUAGE_ID": "ru"}
+        data = {"VERSION": "1", "ACTIVE": "Y", "INSTALLED": "Y", "LANGUAGE_ID": self.config.language}
         return build_php_query(
             [
                 ("event", "ONAPPINSTALL"),
@@ -1166,7 +1169,7 @@ class FakePortal:
             [
                 ("DOMAIN", self.domain),
                 ("PROTOCOL", "0"),
-                ("LANG", "ru"),
+                ("LANG", self.config.language),
                 ("APP_SID", secrets.token_hex(16)),
             ]
         )
