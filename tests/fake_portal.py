@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
+import html
 import json
 import re
 import secrets
@@ -1386,6 +1387,10 @@ class FakePortal:
             Route("/oauth/token", self._oauth_token, methods=both),
             Route("/oauth/authorize/", self._oauth_authorize, methods=["GET"]),
             Route("/oauth/authorize", self._oauth_authorize, methods=["GET"]),
+            Route("/marketplace/app/{app_id}/", self._open_app, methods=["GET"]),
+            Route("/", self._crm_page, methods=["GET"]),
+            Route("/crm/{entity}/details/{number}/", self._crm_page, methods=["GET"]),
+            Route("/crm/type/{type_id}/details/{number}/", self._crm_page, methods=["GET"]),
             *control.routes(),
         ]
 
@@ -1453,6 +1458,38 @@ class FakePortal:
             return HTMLResponse(page, status_code=400)
         state = request.query_params.get("state", "")
         return RedirectResponse(self.authorize_redirect(state), status_code=302)
+
+    async def _open_app(self, request: Request) -> Response:
+        """The portal's page of a local app (`/marketplace/app/<id>/`): the frame form, POSTed into an iframe.
+
+        `?handler=` is the app's handler path. The real portal's page is the same in what matters
+        here: a form with `AUTH_ID`, `member_id`, ... in the body and `DOMAIN`, `PROTOCOL`, `LANG`,
+        `APP_SID` in the query, submitted into a frame the app's page then lives in
+        (b24restdocs `settings/oauth/simple-way.md`).
+        """
+        handler = request.query_params.get("handler", "")
+        query, body = self.iframe_install()
+        action = html.escape(f"{handler}?{query}")
+        inputs = "".join(
+            f'<input type="hidden" name="{html.escape(key)}" value="{html.escape(value)}">'
+            for key, value in parse_qsl(body, keep_blank_values=True)
+        )
+        page = (
+            '<!doctype html><html><head><meta charset="utf-8"><title>Bitrix24</title>'
+            '<link rel="icon" href="data:,"></head><body style="margin:0">'
+            '<iframe name="app" id="app" style="border:0;width:100%;height:100vh"></iframe>'
+            f'<form id="open" method="post" target="app" action="{action}">'
+            f"{inputs}</form><script>document.getElementById('open').submit();</script></body></html>"
+        )
+        return HTMLResponse(page)
+
+    async def _crm_page(self, request: Request) -> Response:
+        """The portal's start page, or a CRM item's (`/crm/deal/details/4521/`): links into it resolve."""
+        title = html.escape(request.url.path)
+        return HTMLResponse(
+            f'<!doctype html><html><head><meta charset="utf-8"><title>{title}</title>'
+            f'<link rel="icon" href="data:,"></head><body><h1 id="crm-item">{title}</h1></body></html>'
+        )
 
 
 class _ControlApi:
