@@ -119,7 +119,8 @@ async def uninstall(event: UninstallDep, service: ProcessingServiceDep) -> dict[
 @router.get("/metrics")
 async def prometheus_metrics(service: ProcessingServiceDep) -> Response:
     """Prometheus metrics: robot calls, the queue, REST requests, token refreshes, acknowledgements."""
-    body = metrics.render(await service.queue_stats())
+    health = await service.health()
+    body = metrics.render(health.queue, health.portal_connected)
     return Response(body, media_type=metrics.CONTENT_TYPE)
 
 

@@ -59,20 +59,25 @@ def observe_rest(method: str, status: int | None, seconds: float) -> None:
 
 
 class _QueueCollector(Collector):
-    def __init__(self, stats: QueueStats) -> None:
+    def __init__(self, stats: QueueStats, connected: bool) -> None:
         self._stats = stats
+        self._connected = connected
 
     def collect(self):  # type: ignore[no-untyped-def]  # the base class leaves it untyped
+        portal = GaugeMetricFamily(
+            "robot_portal_connected", "1 when a portal is connected (tokens that can be refreshed)"
+        )
+        portal.add_metric([], 1.0 if self._connected else 0.0)
         pending = GaugeMetricFamily("robot_queue_pending", "Robot calls accepted and not yet answered")
         pending.add_metric([], self._stats.pending)
         oldest = GaugeMetricFamily(
             "robot_queue_oldest_pending_age_seconds", "Age of the oldest pending robot call (0: none)"
         )
         oldest.add_metric([], self._stats.oldest_pending_age_seconds or 0.0)
-        return [pending, oldest]
+        return [portal, pending, oldest]
 
 
-def render(stats: QueueStats) -> bytes:
+def render(stats: QueueStats, connected: bool) -> bytes:
     """The exposition text: this process's (or all processes') counters and the queue gauges."""
     registry = CollectorRegistry()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -81,5 +86,5 @@ def render(stats: QueueStats) -> bytes:
     else:
         output = generate_latest(REGISTRY)
     queue = CollectorRegistry()
-    queue.register(_QueueCollector(stats))
+    queue.register(_QueueCollector(stats, connected))
     return output + generate_latest(queue)

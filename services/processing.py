@@ -18,7 +18,6 @@ from schemas import (
     InstallEvent,
     PortalStatus,
     PortalTokens,
-    QueueStats,
     RobotAck,
     RobotCall,
     StatusReport,
@@ -302,10 +301,6 @@ class ProcessingService:
             token_store_error=store_error,
             queue=await self._journal.stats(),
         )
-
-    async def queue_stats(self) -> QueueStats:
-        """The journal's counts, for `/metrics`."""
-        return await self._journal.stats()
 
     async def status_report(
         self, frame: AppFrame | None, accept_language: str | None, listen_port: int | None

@@ -1625,6 +1625,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--code-ttl", type=float, default=defaults.code_ttl)
     parser.add_argument("--lenient-refresh", action="store_true", help="old refresh tokens live on")
     parser.add_argument("--redirect-uri", default=defaults.redirect_uri)
+    parser.add_argument("--language", default=defaults.language, help="LANGUAGE_ID and LANG: en, ru, ...")
     return parser.parse_args(argv)
 
 
@@ -1640,6 +1641,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rate_burst=None if args.no_rate_limit else args.rate_burst,
         rate_drain=args.rate_drain,
         redirect_uri=args.redirect_uri,
+        language=args.language,
     )
     portal = FakePortal(config)
     portal.start(port=args.port)

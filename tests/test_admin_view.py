@@ -19,6 +19,7 @@ from services.messages import choose, from_accept_language
 from services.pages import document_link, duration, outcome
 from tests.conftest import APP_URL, FORM, answer_for, make_settings, post_form
 from tests.fake_portal import FakePortal, FakePortalConfig
+from tests.processes import AppProcess, app_env, free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -339,6 +340,7 @@ async def test_metrics_count_calls_requests_and_the_queue(
         before, "bitrix_portal_overload_total", status="503"
     )
     assert _sample(after, "robot_queue_pending") == 0
+    assert _sample(after, "robot_portal_connected") == 1
     assert "robot_queue_oldest_pending_age_seconds 0.0" in after
     assert _sample(after, "robot_acknowledgement_seconds_count") >= 3
     assert "bitrix_rest_request_seconds_bucket" in after
@@ -352,3 +354,38 @@ async def test_metrics_count_token_refreshes(installed: httpx.AsyncClient, porta
 
     after = _sample((await installed.get("/metrics")).text, "bitrix_token_refreshes_total", outcome="ok")
     assert after == before + 1
+
+
+def test_metrics_add_up_across_worker_processes(tmp_path: Path, portal: FakePortal) -> None:
+    """`uvicorn --workers 2` with PROMETHEUS_MULTIPROC_DIR: every scrape counts every process's calls."""
+    multiproc = tmp_path / "metrics"
+    multiproc.mkdir()
+    port = free_port()
+    app_url = f"http://127.0.0.1:{port}"
+    env = app_env(portal, app_url, PROMETHEUS_MULTIPROC_DIR=str(multiproc))
+    app = AppProcess(tmp_path, env, port, tmp_path / "app.log", workers=2)
+    try:
+        httpx.post(f"{app_url}/install", content=portal.install_event_body(), headers=FORM, timeout=30)
+        calls = 12
+        with httpx.Client(timeout=30) as client:  # new connections: the calls spread over both workers
+            for index in range(calls):
+                _, body = portal.robot_call_body({"last_name": f"Ivanov{index}"})
+                client.post(f"{app_url}/robot", content=body, headers={**FORM, "Connection": "close"})
+        portal.wait_for_answers(calls, timeout=30)
+        scrapes = [httpx.get(f"{app_url}/metrics", headers={"Connection": "close"}).text for _ in range(4)]
+    finally:
+        app.stop()
+
+    assert {_sample(text, "robot_calls_total", outcome="accepted") for text in scrapes} == {calls}
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "code"),
+    [("GET", "/no-such-page", 404, "not_found"), ("GET", "/robot", 405, "method_not_allowed")],
+)
+async def test_http_errors_answer_what_the_readme_says(
+    client: httpx.AsyncClient, method: str, path: str, status: int, code: str
+) -> None:
+    response = await client.request(method, path)
+
+    assert (response.status_code, response.json()["error"]) == (status, code)
