@@ -177,8 +177,8 @@ class PortalTokens(BaseModel):
     # The portal's language (`LANGUAGE_ID` of the install, `LANG` of the frame): the workflow's
     # messages are in it. None: the portal has not said.
     language: str | None = None
-    # When the current refresh token was issued: it rotates on every refresh and lives 180 days.
-    refresh_token_issued_at: float | None = None
+    # When the refresh token was issued (it dies 180 days later; every refresh issues a new one).
+    refresh_issued_at: float | None = None
 
     def expires_within(self, seconds: float) -> bool:
         return self.expires_at - time.time() < seconds
@@ -193,9 +193,7 @@ class PortalTokens(BaseModel):
                 "scope": reply.scope or self.scope,
                 "user_id": reply.user_id if reply.user_id is not None else self.user_id,
                 "updated_at": time.time(),
-                "refresh_token_issued_at": time.time()
-                if reply.refresh_token
-                else self.refresh_token_issued_at,
+                "refresh_issued_at": time.time() if reply.refresh_token else self.refresh_issued_at,
             }
         )
 

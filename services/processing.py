@@ -99,7 +99,7 @@ class ProcessingService:
             user_id=auth.user_id,
             server_endpoint=auth.server_endpoint,
             language=_language_id(event.data.get("LANGUAGE_ID")),
-            refresh_token_issued_at=time.time(),
+            refresh_issued_at=time.time(),
         )
         return await self._install(candidate)
 
@@ -119,7 +119,7 @@ class ProcessingService:
             scope=form.APPLICATION_SCOPE,
             server_endpoint=form.SERVER_ENDPOINT,
             language=form.LANG or None,
-            refresh_token_issued_at=time.time(),
+            refresh_issued_at=time.time(),
         )
         return await self._install(candidate)
 
@@ -318,6 +318,7 @@ class ProcessingService:
         )
         if frame is None or not await self._is_portal_frame(frame):
             return report
+        await self._remember_language(frame)
         portals, _ = await self._portal_statuses()
         scheme = "https" if frame.PROTOCOL == "1" else "http"
         return report.model_copy(
@@ -338,6 +339,12 @@ class ProcessingService:
         except TokenStoreError:
             return None  # the page says so elsewhere; it still renders
         return portals[0].language if len(portals) == 1 else None
+
+    async def _remember_language(self, frame: AppFrame) -> None:
+        """A portal installed before languages were stored learns its own the first time it is opened."""
+        record = await self._tokens.get(frame.member_id)
+        if record is not None and record.language is None and frame.LANG:
+            await self._tokens.save(record.model_copy(update={"language": frame.LANG}))
 
     async def _is_portal_frame(self, frame: AppFrame) -> bool:
         try:
@@ -361,7 +368,7 @@ class ProcessingService:
 
 
 def _portal_status(record: PortalTokens) -> PortalStatus:
-    issued = record.refresh_token_issued_at
+    issued = record.refresh_issued_at
     age = None if issued is None or not record.refresh_token else (time.time() - issued) / 86400
     return PortalStatus(
         member_id=record.member_id,

@@ -1,6 +1,7 @@
 """The administrator's view: handler checks, languages, the status page's facts, /metrics, startup."""
 
 import asyncio
+import json
 import logging
 import re
 import time
@@ -389,3 +390,24 @@ async def test_http_errors_answer_what_the_readme_says(
     response = await client.request(method, path)
 
     assert (response.status_code, response.json()["error"]) == (status, code)
+
+
+async def test_a_portal_without_a_stored_language_learns_it_from_the_frame(
+    installed: httpx.AsyncClient, settings: Any
+) -> None:
+    portal_config = FakePortalConfig(redirect_uri=f"{APP_URL}/app", language="ru")
+    tokens = json.loads(settings.token_file.read_text())
+    for record in tokens["portals"].values():
+        record["language"] = None  # installed by a version that did not store it
+    settings.token_file.write_text(json.dumps(tokens))
+    member_id = next(iter(tokens["portals"]))
+    frame_query = f"DOMAIN={tokens['portals'][member_id]['domain']}&PROTOCOL=0&LANG={portal_config.language}"
+    body = (
+        f"AUTH_ID=x&member_id={member_id}"
+        f"&APPLICATION_TOKEN={tokens['portals'][member_id]['application_token']}"
+    )
+
+    await post_form(installed, f"/app?{frame_query}", body)
+
+    stored = json.loads(settings.token_file.read_text())["portals"][member_id]
+    assert stored["language"] == "ru"

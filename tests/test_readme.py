@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from config import Settings
 from services.errors import ErrorCode
@@ -95,7 +96,8 @@ def _walkthrough() -> tuple[str, dict[int, str]]:
 
 
 def _wait_http(url: str, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 60
+    # Generous: start.sh may first run pip (when .venv was filled from requirements-dev.txt only).
+    deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         assert process.poll() is None, f"{url}: the process exited"
         try:
@@ -106,6 +108,7 @@ def _wait_http(url: str, process: subprocess.Popen[bytes]) -> None:
     raise AssertionError(f"{url} never answered")
 
 
+@pytest.mark.timeout(400)
 def test_fake_portal_walkthrough_runs_on_any_ports(tmp_path: Path) -> None:
     setup, terminals = _walkthrough()
     portal_port, app_port, demo = free_port(), free_port(), tmp_path / "demo"
