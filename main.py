@@ -98,12 +98,15 @@ def _report_settings(settings: Settings) -> None:
     port = os.environ.get("PORT", "")
     listen_port = int(port) if port.isdigit() else None
     log_handler_warnings(settings.robot_handler_url, handler_warnings(settings.app_base_url, listen_port))
+    base = settings.app_base_url
+    here = f" (on this machine: http://127.0.0.1:{listen_port}/app)" if listen_port else ""
     logger.info(
-        "Open the status page: %s/app (in the portal: the app's page). Portal settings: handler path "
-        "%s/app, initial installation path %s/install",
-        settings.app_base_url,
-        settings.app_base_url,
-        settings.app_base_url,
+        "Open the status page: %s/app%s, or the app in the portal. The portal's local app form: "
+        "handler path %s/app, initial installation path %s/install",
+        base,
+        here,
+        base,
+        base,
     )
 
 

@@ -65,7 +65,9 @@ async def test_startup_log_says_what_to_open_and_what_is_wrong(
             pass
 
     log = "\n".join(record.getMessage() for record in caplog.records)
-    assert "Open the status page: http://localhost:8000/app" in log
+    assert (
+        "Open the status page: http://localhost:8000/app (on this machine: http://127.0.0.1:18000/app)" in log
+    )
     assert "Robot handler http://localhost:8000/robot" in log
     assert "has no domain" in log
     assert "plain http" in log

@@ -18,6 +18,8 @@ import httpx
 import pytest
 
 from config import Settings
+from services import messages
+from services.contact_validation import InvalidContactData
 from services.errors import ErrorCode
 from tests.processes import PROJECT, free_port
 
@@ -145,3 +147,20 @@ def test_fake_portal_walkthrough_runs_on_any_ports(tmp_path: Path) -> None:
     assert "Last robot runs" in (demo / "status.html").read_text(encoding="utf-8")
     assert (demo / "tokens.json").exists()
     assert not (PROJECT / "install.txt").exists()  # the walkthrough writes nothing into the repository
+
+
+def _flat(text: str) -> str:
+    return re.sub(r"\s+", " ", text)
+
+
+def test_quoted_workflow_messages_are_what_the_workflow_gets() -> None:
+    english, russian = _flat(README), _flat(README_RU)
+    email = InvalidContactData("email_invalid", raw='"ivan@"', reason="...").message("en")
+
+    assert f"`{email}`" in english
+    assert f"`{messages.text('en', 'no_name')}`" in english
+    assert f"`{messages.text('en', 'created', contact_id=123)}`" in english
+    assert f"`{messages.text('en', 'not_in_time', reason='...')}`".split(": ...")[0] in english
+    for text in (english, russian):
+        assert f"`{messages.text('ru', 'no_name')}`" in text
+        assert f"`{messages.text('ru', 'created', contact_id=123)}`" in text
