@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     token_refresh_margin_seconds: float = Field(default=60.0, ge=0)
     # The status page's language when neither the portal nor the browser names one.
     default_language: Literal["en", "ru"] = "en"
+    install_timeout_seconds: float = Field(default=15.0, gt=0)
 
     @field_validator("app_base_url", "bitrix_oauth_url", "bitrix_portal_url")
     @classmethod
@@ -54,6 +55,10 @@ class Settings(BaseSettings):
     @property
     def uninstall_handler_url(self) -> str:
         return f"{self.app_base_url}/uninstall"
+
+    @property
+    def update_handler_url(self) -> str:
+        return f"{self.app_base_url}/update"
 
     @property
     def token_endpoint(self) -> str:

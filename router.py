@@ -12,6 +12,7 @@ from dependencies import (
     RobotCallDep,
     SettingsDep,
     UninstallDep,
+    UpdateDep,
 )
 from schemas import Health, InstallEvent, RobotAck
 from services import messages, metrics, pages
@@ -33,12 +34,18 @@ async def robot(call: RobotCallDep, service: ProcessingServiceDep) -> RobotAck:
 async def install(payload: InstallDep, service: ProcessingServiceDep) -> Response:
     """Install the app on a portal: store its tokens, register the robot."""
     if isinstance(payload, InstallEvent):
-        record = await service.install_from_event(payload)
-        return JSONResponse({"status": "installed", "member_id": record.member_id, "domain": record.domain})
-    record = await service.install_from_frame(payload)
-    return HTMLResponse(
-        pages.install_finish_page(record.domain, messages.portal_language(payload.LANG) or "en")
-    )
+        done = await service.install_from_event(payload)
+        record = done.record
+        body = {
+            "status": "installed",
+            "member_id": record.member_id,
+            "domain": record.domain,
+            "robot": done.robot,
+        }
+        return JSONResponse(body)
+    done = await service.install_from_frame(payload)
+    lang = messages.portal_language(payload.LANG) or "en"
+    return HTMLResponse(pages.install_finish_page(done.record.domain, done.robot, lang))
 
 
 @router.get("/oauth/login")
@@ -122,6 +129,13 @@ async def prometheus_metrics(service: ProcessingServiceDep) -> Response:
     health = await service.health()
     body = metrics.render(health.queue, health.portal_connected)
     return Response(body, media_type=metrics.CONTENT_TYPE)
+
+
+@router.post("/update")
+async def update(event: UpdateDep, service: ProcessingServiceDep) -> dict[str, str]:
+    """ONAPPUPDATE: the portal deleted the app's robot; register it again."""
+    done = await service.update_from_event(event)
+    return {"status": "updated", "robot": done.robot}
 
 
 @router.get("/health")

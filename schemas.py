@@ -114,6 +114,14 @@ class UninstallEvent(_Wire):
     auth: EventAuth
 
 
+class UpdateEvent(_Wire):
+    """`ONAPPUPDATE` (`api-reference/common/events/on-app-update.md`): carries fresh tokens."""
+
+    event: Annotated[Literal["ONAPPUPDATE"], BeforeValidator(_upper)]
+    auth: EventAuth
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
 class IframeInstall(_Wire):
     """The install page opened in the portal frame: tokens in the body, `DOMAIN` in the query."""
 
@@ -173,6 +181,8 @@ class PortalTokens(BaseModel):
     user_id: int | None = None
     server_endpoint: str | None = None
     robot_registered_at: float | None = None
+    # Why the robot is not registered, in words an administrator can act on; None when it is.
+    robot_problem: str | None = None
     updated_at: float = Field(default_factory=time.time)
     # The portal's language (`LANGUAGE_ID` of the install, `LANG` of the frame): the workflow's
     # messages are in it. None: the portal has not said.
@@ -243,6 +253,7 @@ class PortalStatus(BaseModel):
     refresh_token_days_left: float | None = None
     robot_checked_at: float | None = None  # when the robot was last registered or checked
     disconnected: bool = False  # the portal refused our tokens for good; reinstall or /oauth/login
+    robot_problem: str | None = None
 
 
 class RobotRun(BaseModel):

@@ -106,6 +106,12 @@ PAGE_TEXT: dict[str, dict[Lang, str]] = {
         "en": "Installed on {domain}. The robot “Create contact” is registered.",
         "ru": "Приложение установлено на {domain}. Робот «Создать контакт» зарегистрирован.",
     },
+    "installed_robot_pending": {
+        "en": "Installed on {domain}. The robot “Create contact” is being registered: the portal did "
+        "not answer in time, the app keeps trying.",
+        "ru": "Приложение установлено на {domain}. Робот «Создать контакт» регистрируется: портал "
+        "не ответил вовремя, приложение продолжает попытки.",
+    },
     "installed_title": {"en": "Bitrix24 robot installed", "ru": "Робот для Битрикс24 установлен"},
 }
 

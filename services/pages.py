@@ -41,11 +41,12 @@ class _Translator:
         return PAGE_TEXT[key][self.lang].format(**params)
 
 
-def install_finish_page(domain: str, lang: Lang = "en") -> str:
+def install_finish_page(domain: str, robot: str = "registered", lang: Lang = "en") -> str:
     """Tells the portal the install is complete; must run inside the portal's frame."""
     t = _t(lang)
+    key = "installed" if robot == "registered" else "installed_robot_pending"
     return _ENV.get_template("install_finish.html").render(
-        lang=lang, title=t("installed_title"), message=t("installed", domain=domain)
+        lang=lang, title=t("installed_title"), message=t(key, domain=domain)
     )
 
 
