@@ -84,13 +84,16 @@ def _run_robot_calls(portal: FakePortal, app: AppProcess) -> None:
     _wait_pending_zero(app)
 
 
+@pytest.mark.timeout(300)  # a real browser and a real app process, on a shared machine
 @pytest.mark.parametrize("language", ["ru", "en"])
 def test_status_page_in_the_portal_frame(browser: WebDriver, tmp_path: Path, language: str) -> None:
     port = free_port()
     app_url = f"http://127.0.0.1:{port}"
     config = FakePortalConfig(redirect_uri=f"{app_url}/app", language=language)
     with FakePortal(config) as portal:
-        app = AppProcess(tmp_path, app_env(portal, app_url, PORT=str(port)), port, tmp_path / "app.log")
+        app = AppProcess(
+            tmp_path, app_env(portal, app_url, PORT=str(port)), port, tmp_path / "app.log", ready_timeout=60
+        )
         try:
             _run_robot_calls(portal, app)
             browser.get(f"{portal.url}/marketplace/app/1/?handler={app_url}/app")
@@ -124,11 +127,14 @@ def test_status_page_in_the_portal_frame(browser: WebDriver, tmp_path: Path, lan
             app.stop()
 
 
+@pytest.mark.timeout(300)
 def test_public_status_page_from_the_root_address(browser: WebDriver, tmp_path: Path) -> None:
     port = free_port()
     app_url = f"http://127.0.0.1:{port}"
     with FakePortal(FakePortalConfig(redirect_uri=f"{app_url}/app")) as portal:
-        app = AppProcess(tmp_path, app_env(portal, app_url, PORT=str(port)), port, tmp_path / "app.log")
+        app = AppProcess(
+            tmp_path, app_env(portal, app_url, PORT=str(port)), port, tmp_path / "app.log", ready_timeout=60
+        )
         try:
             browser.get(f"{app_url}/")
             WebDriverWait(browser, 20).until(
