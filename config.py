@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     token_refresh_margin_seconds: float = Field(default=60.0, ge=0)
     # The status page's language when neither the portal nor the browser names one.
     default_language: Literal["en", "ru"] = "en"
+    # Refresh tokens die 180 days after issue (b24restdocs settings/oauth/auto-renewal.md).
+    token_renew_after_seconds: float = Field(default=30 * 86400.0, gt=0)
     install_timeout_seconds: float = Field(default=15.0, gt=0)
 
     @field_validator("app_base_url", "bitrix_oauth_url", "bitrix_portal_url")

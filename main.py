@@ -32,6 +32,7 @@ from services.processing import ProcessingService
 from services.rate_limit import PortalRateLimiter
 from services.retry import RetryPolicy
 from services.robot_registration import RobotRegistration
+from services.token_upkeep import TokenUpkeep
 from services.worker import JobWorker
 
 logger = logging.getLogger(__name__)
@@ -72,12 +73,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
         worker.while_leading(robots.keep_registered)
         service = ProcessingService(settings, tokens, bitrix, journal, states, worker.wake, robots)
         task = asyncio.create_task(worker.run(), name="job-worker")
+        upkeep = asyncio.create_task(TokenUpkeep(tokens, bitrix, settings).run(), name="token-upkeep")
         try:
             yield AppState(service=service)
         finally:
-            task.cancel()
-            with suppress(asyncio.CancelledError):
-                await task
+            for background in (task, upkeep):
+                background.cancel()
+                with suppress(asyncio.CancelledError):
+                    await background
             await robots.close()
             await journal.close()
             await states.close()

@@ -167,6 +167,10 @@ class TokenResponse(_Wire):
     user_id: int | None = None
 
 
+# "The lifetime of `refresh_token` is 180 days" (b24restdocs settings/oauth/auto-renewal.md).
+REFRESH_TOKEN_LIFETIME = 180 * 86400.0
+
+
 class PortalTokens(BaseModel):
     """One portal's record in the token store."""
 
@@ -187,11 +191,28 @@ class PortalTokens(BaseModel):
     # The portal's language (`LANGUAGE_ID` of the install, `LANG` of the frame): the workflow's
     # messages are in it. None: the portal has not said.
     language: str | None = None
-    # When the refresh token was issued (it dies 180 days later; every refresh issues a new one).
+    # When the refresh token was issued (it dies 180 days later); None: at `updated_at` or before.
     refresh_issued_at: float | None = None
+    # Set when the stored pair no longer works (the refresh was refused for good): the sentence
+    # health and the status page show. A new pair (refresh, robot call, install, login) clears it.
+    disconnected_reason: str | None = None
 
     def expires_within(self, seconds: float) -> bool:
         return self.expires_at - time.time() < seconds
+
+    @property
+    def works(self) -> bool:
+        """Whether this pair can still be used and refreshed, as far as the app knows."""
+        usable = bool(self.access_token and self.refresh_token) and self.disconnected_reason is None
+        return usable and not self.refresh_expired()
+
+    def refresh_expired(self) -> bool:
+        """Past the refresh token's documented lifetime: the OAuth server no longer takes it."""
+        return self.refresh_age() >= REFRESH_TOKEN_LIFETIME
+
+    def refresh_age(self) -> float:
+        """Seconds since the refresh token was issued."""
+        return time.time() - (self.refresh_issued_at or self.updated_at)
 
     def with_tokens(self, reply: TokenResponse) -> "PortalTokens":
         """The record after a refresh; a reply without a refresh token keeps the old one."""
@@ -204,6 +225,7 @@ class PortalTokens(BaseModel):
                 "user_id": reply.user_id if reply.user_id is not None else self.user_id,
                 "updated_at": time.time(),
                 "refresh_issued_at": time.time() if reply.refresh_token else self.refresh_issued_at,
+                "disconnected_reason": None,
             }
         )
 
@@ -252,8 +274,12 @@ class PortalStatus(BaseModel):
     refresh_token_age_days: float | None = None  # None: the store does not know when it was issued
     refresh_token_days_left: float | None = None
     robot_checked_at: float | None = None  # when the robot was last registered or checked
-    disconnected: bool = False  # the portal refused our tokens for good; reinstall or /oauth/login
     robot_problem: str | None = None
+    # False when the stored pair no longer works; `disconnected_reason` then says why and what helps.
+    connected: bool = True
+    disconnected_reason: str | None = None
+    # Set while the newest tokens are only in memory because the token file cannot be written.
+    tokens_unsaved: str | None = None
 
 
 class RobotRun(BaseModel):

@@ -51,9 +51,10 @@ PAGE_TEXT: dict[str, dict[Lang, str]] = {
         "ru": "Портал подключён, но робот не зарегистрирован: переустановите приложение.",
     },
     "disconnected": {
-        "en": "The portal no longer accepts the app's tokens: reinstall the app or open /oauth/login.",
-        "ru": "Портал больше не принимает токены приложения: переустановите приложение "
-        "или откройте /oauth/login.",
+        "en": "The portal no longer accepts the app's tokens: the portal's next robot call reconnects "
+        "it, or open /oauth/login.",
+        "ru": "Портал больше не принимает токены приложения: следующий вызов робота с портала "
+        "подключит его снова, или откройте /oauth/login.",
     },
     "portal": {"en": "Portal", "ru": "Портал"},
     "access_token": {"en": "Access token", "ru": "Токен доступа"},

@@ -160,6 +160,9 @@ class FakePortalConfig:
     client_secret: str = "test-client-secret-0000000000000000000000000000"
     member_id: str = "a223c6b3710f85df22e9377d6c4f7553"  # 32 hex
     access_ttl: float = 3600.0  # seconds an access token lives
+    # A refresh token lives 180 days from its issue, then the server answers invalid_grant
+    # (b24restdocs settings/oauth/auto-renewal.md: "The lifetime of `refresh_token` is 180 days").
+    refresh_ttl: float = 180 * 86400.0
     code_ttl: float = 30.0
     strict_refresh: bool = True  # an old refresh token dies when rotated
     rate_burst: int | None = 50  # leaky bucket X; None disables rate limiting
@@ -286,7 +289,7 @@ class _State:
         self.url = ""
         self.app_token = secrets.token_hex(16)
         self.access: dict[str, _Grant] = {}
-        self.refresh: dict[str, int] = {}
+        self.refresh: dict[str, _Grant] = {}
         self.codes: dict[str, _Grant] = {}
         self.contacts: list[dict[str, Any]] = []
         self.contact_meta: dict[int, dict[str, Any]] = {}
@@ -310,7 +313,7 @@ class _State:
         expires_at = time.time() + self.config.access_ttl
         with self.lock:
             self.access[access] = _Grant(user_id, expires_at)
-            self.refresh[refresh] = user_id
+            self.refresh[refresh] = _Grant(user_id, time.time() + self.config.refresh_ttl)
         return _TokenPair(access, refresh, int(expires_at), user_id)
 
     def user_for(self, token: str | None) -> int:
@@ -328,12 +331,16 @@ class _State:
         return grant.user_id
 
     def rotate_refresh(self, refresh_token: str) -> int:
-        user_id = self.refresh.get(refresh_token)
-        if user_id is None:
+        grant = self.refresh.get(refresh_token)
+        if grant is None or time.time() >= grant.expires_at:
             raise PortalError(400, "invalid_grant", "Invalid refresh token")
         if self.config.strict_refresh:
             del self.refresh[refresh_token]
-        return user_id
+        return grant.user_id
+
+    def refresh_alive(self, refresh_token: str | None) -> bool:
+        grant = self.refresh.get(refresh_token or "")
+        return grant is not None and time.time() < grant.expires_at
 
     def revoke_all(self) -> None:
         self.access.clear()
@@ -1358,6 +1365,11 @@ class FakePortal:
 
     # -- controls ------------------------------------------------------------------------------
 
+    def refresh_token_alive(self, refresh_token: str | None) -> bool:
+        """Whether the authorization server would still take this refresh token."""
+        with self._state.lock:
+            return self._state.refresh_alive(refresh_token)
+
     def expire_access_tokens(self) -> None:
         cutoff = time.time() - 1
         with self._state.lock:
@@ -1735,6 +1747,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-rate-limit", action="store_true")
     parser.add_argument("--access-ttl", type=float, default=defaults.access_ttl)
     parser.add_argument("--code-ttl", type=float, default=defaults.code_ttl)
+    parser.add_argument("--refresh-ttl", type=float, default=defaults.refresh_ttl)
     parser.add_argument("--lenient-refresh", action="store_true", help="old refresh tokens live on")
     parser.add_argument("--redirect-uri", default=defaults.redirect_uri)
     parser.add_argument("--language", default=defaults.language, help="LANGUAGE_ID and LANG: en, ru, ...")
@@ -1749,6 +1762,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         member_id=args.member_id,
         access_ttl=args.access_ttl,
         code_ttl=args.code_ttl,
+        refresh_ttl=args.refresh_ttl,
         strict_refresh=not args.lenient_refresh,
         rate_burst=None if args.no_rate_limit else args.rate_burst,
         rate_drain=args.rate_drain,
