@@ -414,3 +414,18 @@ async def test_a_portal_without_a_stored_language_learns_it_from_the_frame(
 
     stored = json.loads(settings.token_file.read_text())["portals"][member_id]
     assert stored["language"] == "ru"
+
+
+async def test_status_page_says_when_the_portal_is_disconnected(
+    installed: httpx.AsyncClient, portal: FakePortal, settings: Any
+) -> None:
+    tokens = json.loads(settings.token_file.read_text())
+    for record in tokens["portals"].values():
+        record["disconnected_reason"] = "The authorization server refused its refresh token (invalid_grant)."
+    settings.token_file.write_text(json.dumps(tokens))
+    query, frame = portal.iframe_install()
+
+    page = await post_form(installed, f"/app?{query}", frame)
+
+    assert 'class="box bad disconnected"' in page.text
+    assert "refused its refresh token (invalid_grant)" in page.text
