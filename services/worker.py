@@ -22,7 +22,7 @@ from filelock import FileLock, Timeout
 from config import Settings
 from repositories.job_journal import Job, JobJournal, JobState
 from services import messages, metrics
-from services.bitrix_client import BatchResult, BitrixAccessDenied, BitrixClient, BitrixError
+from services.bitrix_client import BatchResult, BitrixAccessDenied, BitrixClient, BitrixError, action_hint
 from services.contact_validation import InvalidContactData, contact_fields
 from services.messages import Lang
 from services.observability import portal_var, workflow_var
@@ -332,6 +332,8 @@ class _Writes:
 
     def retry(self, job: Job, error: BitrixError, policy: RetryPolicy) -> None:
         delay = policy.delay(job.attempts, error.retry_after)
+        if error.resume_at is not None:  # e.g. a method blocked until the portal resets its time limit
+            delay = max(0.0, error.resume_at - time.time())
         self.retries.append((job.id, delay, str(error)))
         _set_context(job)
         logger.warning("Job %d: %s; retry in %.1fs", job.id, error, delay)
@@ -409,6 +411,8 @@ def _answer_params(job: Job, lang: Lang) -> dict[str, Any]:
 
 def _portal_refused(error: BitrixError, lang: Lang) -> str:
     detail = getattr(error, "description", "") or str(error)
+    if action_hint(error):  # a classified error: its own hint says what to do
+        return messages.text(lang, "portal_refused_hint", detail=detail, hint=messages.hint(lang, error))
     return messages.text(lang, "portal_refused", detail=detail)
 
 
