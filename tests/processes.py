@@ -1,7 +1,6 @@
 """Run the app as a real uvicorn process, for tests that kill it or run several of it."""
 
 import os
-import resource
 import signal
 import socket
 import subprocess
@@ -38,6 +37,13 @@ def app_env(portal: FakePortal, app_url: str, **extra: str) -> dict[str, str]:
     return env
 
 
+def _limit_files(soft: int) -> None:
+    import resource  # POSIX only, like the file limit it sets
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 class AppProcess:
     """`python -m uvicorn main:app` in `workdir` (so its state files land there)."""
 
@@ -48,23 +54,19 @@ class AppProcess:
         port: int,
         log: Path,
         workers: int = 1,
+        ready_timeout: float = 20.0,
         file_limit: int | None = None,
     ) -> None:
-        """`file_limit`: start with this soft limit on open files (as many systems' 1,024)."""
+        """`file_limit`: start with this soft limit on open files (as many systems' 1,024; POSIX)."""
         self.url = f"http://127.0.0.1:{port}"
         self._log = log.open("ab")
         command = [sys.executable, "-m", "uvicorn", "main:app", "--app-dir", str(PROJECT)]
         command += ["--host", "127.0.0.1", "--port", str(port), "--no-access-log", "--workers", str(workers)]
-
-        def limit_files() -> None:
-            if file_limit is not None:
-                hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-                resource.setrlimit(resource.RLIMIT_NOFILE, (file_limit, hard))
-
+        preexec = None if file_limit is None else (lambda: _limit_files(file_limit))
         self.process = subprocess.Popen(
-            command, cwd=workdir, env=env, stdout=self._log, stderr=self._log, preexec_fn=limit_files
+            command, cwd=workdir, env=env, stdout=self._log, stderr=self._log, preexec_fn=preexec
         )
-        self._wait_ready()
+        self._wait_ready(ready_timeout)
 
     def _wait_ready(self, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
