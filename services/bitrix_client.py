@@ -207,7 +207,7 @@ class PortalNotConnected(BitrixError):
 
 
 class NoSpareCapacity(BitrixError):
-    admin_hint = "Unproven installs may only use the spare half of the portal's rate limit."
+    admin_hint = "Unproven installs may only use the portal's rate limit while a fifth of it stays free."
 
 
 _DEAD_REFRESH = (
@@ -376,7 +376,7 @@ class BitrixClient:
         it checks the token (wire doc 4.1): a stranger's install must not spend what robot work needs.
 
         Raises:
-            NoSpareCapacity: half the portal's bucket or more is in use; nothing was sent.
+            NoSpareCapacity: four fifths of the portal's bucket or more are in use; nothing was sent.
             BitrixError: the call failed.
         """
         url = client_endpoint.rstrip("/") + "/" + method
