@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from fastapi import FastAPI, Request
@@ -18,11 +19,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from config import Settings, get_settings
 from dependencies import AppState
-from repositories.job_journal import SqliteJobJournal
-from repositories.oauth_state_store import SqliteOAuthStateStore
-from repositories.token_store import JsonTokenStore, TokenStoreError
+from repositories.token_store import TokenKeyMismatch, TokenStore, TokenStoreError
 from router import router
 from services import pages
+from services.backend import open_backend
 from services.bitrix_client import BitrixClient, BitrixError
 from services.errors import AppError, ErrorCode
 from services.observability import configure_logging, register_secret, request_id_var
@@ -52,18 +52,19 @@ async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
     register_secret(*settings.secret_values())
     _report_settings(settings)
     timeout = httpx.Timeout(settings.http_timeout_seconds, connect=5.0)
-    async with httpx.AsyncClient(
-        timeout=timeout, headers={"User-Agent": "bitrix24-contact-robot/1.0"}
-    ) as http:
-        tokens = JsonTokenStore(settings.token_file)
+    async with (
+        httpx.AsyncClient(timeout=timeout, headers={"User-Agent": "bitrix24-contact-robot/1.0"}) as http,
+        open_backend(settings) as backend,
+    ):
+        tokens, journal = backend.tokens, backend.journal
         await _remember_stored_secrets(tokens)
-        journal = SqliteJobJournal(settings.job_db_file)
-        states = SqliteOAuthStateStore(settings.job_db_file)
         policy = RetryPolicy()
         limiter = PortalRateLimiter(settings.rate_limit_burst, settings.rate_limit_per_second)
         bitrix = BitrixClient(http, tokens, settings, limiter, policy)
-        worker = JobWorker(journal, bitrix, settings, policy)
-        service = ProcessingService(settings, tokens, bitrix, journal, states, worker.wake)
+        worker = JobWorker(journal, bitrix, settings, policy, backend.leadership)
+        service = ProcessingService(
+            settings, tokens, bitrix, journal, backend.states, worker.wake, backend.cluster_status
+        )
         task = asyncio.create_task(worker.run(), name="job-worker")
         try:
             yield AppState(service=service)
@@ -71,9 +72,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
             task.cancel()
             with suppress(asyncio.CancelledError):
                 await task
-            await journal.close()
-            await states.close()
-            logger.info("Shut down")
+        logger.info("Shut down")
 
 
 def _report_settings(settings: Settings) -> None:
@@ -84,19 +83,33 @@ def _report_settings(settings: Settings) -> None:
             "until you set them in .env (see .env.example) and restart.",
             ", ".join(missing),
         )
+    if settings.database_url is None:
+        storage = f"token file {settings.token_file}; job journal {settings.job_db_file}"
+    else:
+        storage = f"PostgreSQL at {_safe_host(settings.database_url.get_secret_value())}"
     logger.info(
-        "Robot handler %s; portal %s; token file %s; job journal %s",
+        "Robot handler %s; portal %s; %s; tokens %s",
         settings.robot_handler_url,
         settings.bitrix_portal_url or "any Bitrix24 cloud portal",
-        settings.token_file,
-        settings.job_db_file,
+        storage,
+        "encrypted" if settings.token_encryption_key else "not encrypted (TOKEN_ENCRYPTION_KEY unset)",
     )
 
 
-async def _remember_stored_secrets(tokens: JsonTokenStore) -> None:
+def _safe_host(url: str) -> str:
+    """The database's host, port and name, without the user's password."""
+    parts = urlsplit(url)
+    return f"{parts.hostname or 'local socket'}:{parts.port or 5432}{parts.path}"
+
+
+async def _remember_stored_secrets(tokens: TokenStore) -> None:
     try:
         for record in await tokens.list():
             register_secret(record.access_token, record.refresh_token, record.application_token)
+    except TokenKeyMismatch as exc:
+        # Starting would answer every call with an error, and risk writing beside unreadable tokens.
+        logger.critical("%s", exc)
+        raise
     except TokenStoreError as exc:
         logger.error("%s", exc)
 

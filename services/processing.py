@@ -3,7 +3,7 @@
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import urlencode, urlsplit
 
@@ -13,6 +13,7 @@ from repositories.oauth_state_store import OAuthStateStore
 from repositories.token_store import TokenStore, TokenStoreError
 from schemas import (
     AppFrame,
+    ClusterStatus,
     Health,
     IframeInstall,
     InstallEvent,
@@ -67,6 +68,7 @@ class ProcessingService:
         journal: JobJournal,
         states: OAuthStateStore,
         wake_worker: Callable[[], None],
+        cluster: Callable[[], Awaitable[ClusterStatus]] | None = None,
     ) -> None:
         self._settings = settings
         self._tokens = tokens
@@ -74,6 +76,7 @@ class ProcessingService:
         self._journal = journal
         self._states = states
         self._wake_worker = wake_worker
+        self._cluster = cluster
 
     # --- install -------------------------------------------------------------------------------
 
@@ -292,6 +295,7 @@ class ProcessingService:
             missing_settings=self._settings.missing(),
             token_store_error=store_error,
             queue=await self._journal.stats(),
+            cluster=await self._cluster() if self._cluster else None,
         )
 
     async def status_report(self, frame: AppFrame | None) -> StatusReport:

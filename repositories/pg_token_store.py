@@ -1,0 +1,120 @@
+"""`TokenStore` in PostgreSQL: one row per portal, shared by every instance on every host.
+
+`refresh_lock` holds a row lock (`SELECT ... FOR UPDATE`) on the portal's row for the whole
+read-refresh-save, so one refresh happens at a time across all instances; the others wait, then
+read the rotated pair. Inside the lock, `get` and `save` run on the locking connection, and `save`
+commits at once: the rotated pair is durable before the caller uses it.
+"""
+
+import asyncio
+import contextvars
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+
+from psycopg import AsyncConnection, Error
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+from pydantic import ValidationError
+
+from repositories.token_cipher import TokenCipher, TokenKeyError
+from repositories.token_store import TokenKeyMismatch, TokenStoreError
+from schemas import PortalTokens
+
+Rows = list[tuple[Any, ...]]
+
+# The connection holding a portal's row lock, for the task (and its children) inside refresh_lock.
+_locked: contextvars.ContextVar[tuple[str, AsyncConnection[Any]] | None] = contextvars.ContextVar(
+    "locked_token_row", default=None
+)
+
+
+class PostgresTokenStore:
+    def __init__(self, pool: AsyncConnectionPool[Any], cipher: TokenCipher | None = None) -> None:
+        self._pool = pool
+        self._cipher = cipher or TokenCipher(None)
+        self._local: dict[str, asyncio.Lock] = {}
+
+    async def get(self, member_id: str, *, fresh: bool = False) -> PortalTokens | None:
+        # Always fresh: another instance may have written; one indexed read per call.
+        sql = "SELECT record FROM portal_tokens WHERE member_id = %s"
+        rows = await self._fetch(sql, (member_id,), member_id)
+        return self._record(rows[0][0]) if rows else None
+
+    async def list(self) -> list[PortalTokens]:
+        rows = await self._fetch("SELECT record FROM portal_tokens ORDER BY member_id", (), None)
+        return [self._record(row[0]) for row in rows]
+
+    async def save(self, record: PortalTokens) -> None:
+        sealed = Jsonb(self._cipher.seal(record.model_dump(mode="json")))
+        sql = (
+            "INSERT INTO portal_tokens (member_id, record, updated_at) VALUES (%s, %s, %s)"
+            " ON CONFLICT (member_id) DO UPDATE"
+            " SET record = EXCLUDED.record, updated_at = EXCLUDED.updated_at"
+        )
+        locked = _locked.get()
+        try:
+            if locked is not None and locked[0] == record.member_id:
+                await locked[1].execute(sql, (record.member_id, sealed, time.time()))
+                await locked[1].commit()  # durable before use; this also ends the row lock
+                return
+            async with self._pool.connection() as conn:
+                await conn.execute(sql, (record.member_id, sealed, time.time()))
+        except Error as exc:
+            raise TokenStoreError(f"The token store (PostgreSQL) failed to save: {exc}") from exc
+
+    async def delete(self, member_id: str) -> None:
+        try:
+            async with self._pool.connection() as conn:
+                await conn.execute("DELETE FROM portal_tokens WHERE member_id = %s", (member_id,))
+        except Error as exc:
+            raise TokenStoreError(f"The token store (PostgreSQL) failed to delete: {exc}") from exc
+
+    def refresh_lock(self, member_id: str) -> AbstractAsyncContextManager[None]:
+        return self._refresh_lock(member_id)
+
+    @asynccontextmanager
+    async def _refresh_lock(self, member_id: str) -> AsyncIterator[None]:
+        # The asyncio lock queues this instance's tasks on one row lock instead of on many connections.
+        async with self._local.setdefault(member_id, asyncio.Lock()), self._pool.connection() as conn:
+            await conn.set_autocommit(False)
+            try:
+                await conn.execute(
+                    "SELECT 1 FROM portal_tokens WHERE member_id = %s FOR UPDATE", (member_id,)
+                )
+                token = _locked.set((member_id, conn))
+                try:
+                    yield
+                finally:
+                    _locked.reset(token)
+                await conn.commit()
+            except BaseException:
+                await conn.rollback()
+                raise
+            finally:
+                await conn.set_autocommit(True)
+
+    async def _fetch(self, sql: str, params: tuple[Any, ...], member_id: str | None) -> Rows:
+        locked = _locked.get()
+        try:
+            if locked is not None and locked[0] == member_id:
+                cursor = await locked[1].execute(sql, params)
+                rows: Rows = await cursor.fetchall()
+                return rows
+            async with self._pool.connection() as conn:
+                cursor = await conn.execute(sql, params)
+                found: Rows = await cursor.fetchall()
+                return found
+        except Error as exc:
+            raise TokenStoreError(f"The token store (PostgreSQL) failed to read: {exc}") from exc
+
+    def _record(self, stored: Any) -> PortalTokens:
+        try:
+            data = json.loads(stored) if isinstance(stored, str) else stored
+            return PortalTokens.model_validate(self._cipher.open(data))
+        except TokenKeyError as exc:
+            raise TokenKeyMismatch(f"{exc}; the app will not overwrite the stored tokens.") from exc
+        except (ValueError, ValidationError) as exc:
+            raise TokenStoreError(f"A stored token record is unreadable ({type(exc).__name__})") from exc
