@@ -11,6 +11,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -193,12 +194,19 @@ def register_exception_handlers(app: FastAPI) -> None:
         logger.error("%s", exc)
         return _error_response(request, 503, ErrorCode.STORAGE_ERROR, str(exc))
 
+    async def database_error(request: Request, exc: Exception) -> Response:
+        # The driver's text names hosts and tables: it goes to the log, not to the caller.
+        logger.error("Database failure on %s %s: %s", request.method, request.url.path, exc)
+        detail = "The database (DATABASE_URL) is unavailable; nothing was stored. Try again."
+        return _error_response(request, 503, ErrorCode.STORAGE_ERROR, detail)
+
     handlers: dict[Any, Any] = {
         AppError: app_error,
         RequestValidationError: validation_error,
         StarletteHTTPException: http_error,
         BitrixError: upstream_error,
         TokenStoreError: storage_error,
+        psycopg.Error: database_error,
     }
     for exc_class, handler in handlers.items():
         app.add_exception_handler(exc_class, handler)

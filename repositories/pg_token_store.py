@@ -24,6 +24,7 @@ from repositories.token_store import TokenKeyMismatch, TokenStoreError
 from schemas import PortalTokens
 
 Rows = list[tuple[Any, ...]]
+CACHE_SECONDS = 1.0
 
 # The connection holding a portal's row lock, for the task (and its children) inside refresh_lock.
 _locked: contextvars.ContextVar[tuple[str, AsyncConnection[Any]] | None] = contextvars.ContextVar(
@@ -36,12 +37,26 @@ class PostgresTokenStore:
         self._pool = pool
         self._cipher = cipher or TokenCipher(None)
         self._local: dict[str, asyncio.Lock] = {}
+        self._cache: dict[str, tuple[float, PortalTokens | None]] = {}
 
     async def get(self, member_id: str, *, fresh: bool = False) -> PortalTokens | None:
-        # Always fresh: another instance may have written; one indexed read per call.
+        """The portal's record; `fresh` reads the database, else a copy at most a second old.
+
+        Every robot call reads its portal's record to authenticate it; a database round trip costs
+        more than the rest of the acknowledgement. A second's staleness only matters for a
+        reinstall or uninstall made through another instance; a refresh always reads fresh.
+        """
+        now = time.monotonic()
+        cached = self._cache.get(member_id)
+        if not fresh and cached is not None and now - cached[0] < CACHE_SECONDS:
+            return cached[1]
         sql = "SELECT record FROM portal_tokens WHERE member_id = %s"
         rows = await self._fetch(sql, (member_id,), member_id)
-        return self._record(rows[0][0]) if rows else None
+        record = self._record(rows[0][0]) if rows else None
+        if len(self._cache) > 10_000:  # unknown member ids are cached too: keep the dict bounded
+            self._cache.clear()
+        self._cache[member_id] = (now, record)
+        return record
 
     async def list(self) -> list[PortalTokens]:
         rows = await self._fetch("SELECT record FROM portal_tokens ORDER BY member_id", (), None)
@@ -55,17 +70,21 @@ class PostgresTokenStore:
             " SET record = EXCLUDED.record, updated_at = EXCLUDED.updated_at"
         )
         locked = _locked.get()
+        self._cache.pop(record.member_id, None)
         try:
             if locked is not None and locked[0] == record.member_id:
                 await locked[1].execute(sql, (record.member_id, sealed, time.time()))
                 await locked[1].commit()  # durable before use; this also ends the row lock
-                return
-            async with self._pool.connection() as conn:
-                await conn.execute(sql, (record.member_id, sealed, time.time()))
+            else:
+                async with self._pool.connection() as conn:
+                    await conn.execute(sql, (record.member_id, sealed, time.time()))
         except Error as exc:
             raise TokenStoreError(f"The token store (PostgreSQL) failed to save: {exc}") from exc
+        finally:
+            self._cache.pop(record.member_id, None)  # a read that raced the write must not stay
 
     async def delete(self, member_id: str) -> None:
+        self._cache.pop(member_id, None)
         try:
             async with self._pool.connection() as conn:
                 await conn.execute("DELETE FROM portal_tokens WHERE member_id = %s", (member_id,))

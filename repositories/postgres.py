@@ -62,7 +62,6 @@ async def open_pool(url: str, max_size: int = 10) -> AsyncConnectionPool[Any]:
         min_size=2,
         max_size=max_size,
         kwargs={"autocommit": True, **KEEPALIVE},
-        check=AsyncConnectionPool.check_connection,
         open=False,
         name="app",
     )

@@ -29,6 +29,9 @@ _FILE_POLL_SECONDS = 2.0
 # How often a follower asks for the lock, and the leader checks its connection: with the lease
 # reclaim on takeover, a killed leader's jobs resume within this plus one worker pass.
 PG_POLL_SECONDS = 1.0
+# A leader cut off from the database stops within poll + this, well before the server (TCP
+# keepalive, about 11 s) frees its lock for another instance: never two workers at once.
+_PING_TIMEOUT_SECONDS = 5.0
 
 
 class Leadership(Protocol):
@@ -118,7 +121,7 @@ class PostgresLeadership:
         while True:
             await asyncio.sleep(PG_POLL_SECONDS)
             try:
-                await asyncio.wait_for(conn.execute("SELECT 1"), timeout=10)
+                await asyncio.wait_for(conn.execute("SELECT 1"), timeout=_PING_TIMEOUT_SECONDS)
             except (Error, TimeoutError) as exc:
                 logger.error("The worker's database session is gone (%s): this instance stops leading", exc)
                 lost.set()
