@@ -9,11 +9,13 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from repositories.job_journal import Job, JobState, NewJob
+from repositories.postgres import with_retry
 from schemas import QueueStats, RobotRun
 
 
@@ -37,21 +39,7 @@ class PostgresJobJournal:
             now,
             now,
         )
-        async with self._pool.connection() as conn:
-            cursor = await conn.execute(
-                "INSERT INTO jobs (event_token, member_id, workflow_id, document_id, properties, error,"
-                " client_endpoint, call_access_token, state, deadline, next_attempt_at, created_at,"
-                " updated_at) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,'add',%s,%s,%s,%s)"
-                " ON CONFLICT (event_token) DO NOTHING RETURNING id",
-                row,
-            )
-            inserted = await cursor.fetchone()
-            if inserted is not None:
-                return int(inserted[0]), True
-            cursor = await conn.execute("SELECT id FROM jobs WHERE event_token = %s", (job.event_token,))
-            found = await cursor.fetchone()
-        assert found is not None  # a conflicting row exists, and jobs are never deleted
-        return int(found[0]), False
+        return await with_retry(self._pool, lambda conn: _insert(conn, row, job.event_token))
 
     async def claim(self, limit: int, lease_seconds: float) -> list[Job]:
         now = time.time()
@@ -167,6 +155,23 @@ class PostgresJobJournal:
             await cursor.execute(sql, params)
             rows: list[dict[str, Any]] = await cursor.fetchall()
             return rows
+
+
+async def _insert(conn: AsyncConnection[Any], row: tuple[Any, ...], event_token: str) -> tuple[int, bool]:
+    cursor = await conn.execute(
+        "INSERT INTO jobs (event_token, member_id, workflow_id, document_id, properties, error,"
+        " client_endpoint, call_access_token, state, deadline, next_attempt_at, created_at,"
+        " updated_at) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,'add',%s,%s,%s,%s)"
+        " ON CONFLICT (event_token) DO NOTHING RETURNING id",
+        row,
+    )
+    inserted = await cursor.fetchone()
+    if inserted is not None:
+        return int(inserted[0]), True
+    cursor = await conn.execute("SELECT id FROM jobs WHERE event_token = %s", (event_token,))
+    found = await cursor.fetchone()
+    assert found is not None  # a conflicting row exists, and jobs are never deleted
+    return int(found[0]), False
 
 
 def _job(row: dict[str, Any]) -> Job:

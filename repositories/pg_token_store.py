@@ -19,6 +19,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 from pydantic import ValidationError
 
+from repositories.postgres import with_retry
 from repositories.token_cipher import TokenCipher, TokenKeyError
 from repositories.token_store import TokenKeyMismatch, TokenStoreError
 from schemas import PortalTokens
@@ -122,10 +123,7 @@ class PostgresTokenStore:
                 cursor = await locked[1].execute(sql, params)
                 rows: Rows = await cursor.fetchall()
                 return rows
-            async with self._pool.connection() as conn:
-                cursor = await conn.execute(sql, params)
-                found: Rows = await cursor.fetchall()
-                return found
+            return await with_retry(self._pool, lambda conn: _fetchall(conn, sql, params))
         except Error as exc:
             raise TokenStoreError(f"The token store (PostgreSQL) failed to read: {exc}") from exc
 
@@ -137,3 +135,9 @@ class PostgresTokenStore:
             raise TokenKeyMismatch(f"{exc}; the app will not overwrite the stored tokens.") from exc
         except (ValueError, ValidationError) as exc:
             raise TokenStoreError(f"A stored token record is unreadable ({type(exc).__name__})") from exc
+
+
+async def _fetchall(conn: AsyncConnection[Any], sql: str, params: tuple[Any, ...]) -> Rows:
+    cursor = await conn.execute(sql, params)
+    rows: Rows = await cursor.fetchall()
+    return rows

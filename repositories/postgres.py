@@ -12,15 +12,17 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from psycopg import AsyncConnection
+from psycopg import AsyncConnection, OperationalError
 from psycopg_pool import AsyncConnectionPool
 
 from schemas import InstanceSeen
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 _MIGRATION_LOCK = 0x62_78_32_34_6D_69_67  # an arbitrary app-wide key: "bx24mig"
@@ -64,9 +66,32 @@ async def open_pool(url: str, max_size: int = 10) -> AsyncConnectionPool[Any]:
         kwargs={"autocommit": True, **KEEPALIVE},
         open=False,
         name="app",
+        # A robot call waits at most this for a connection: a database that is down gives a
+        # prompt 503, not a portal request hanging for the default 30 s.
+        timeout=5.0,
     )
     await pool.open(wait=True, timeout=15)
     return pool
+
+
+async def with_retry(
+    pool: AsyncConnectionPool[Any], work: Callable[[AsyncConnection[Any]], Awaitable[T]]
+) -> T:
+    """Run `work` (idempotent) on a pooled connection; once more if that connection was dead.
+
+    After a database restart or a failover, the pool's idle connections are dead but look fine.
+    Checking each one before use would cost a round trip per robot call; instead, the first
+    failure checks the whole pool (dead connections are replaced) and the work is retried once,
+    so a robot call is not refused because of a connection that died while idle.
+    """
+    try:
+        async with pool.connection() as conn:
+            return await work(conn)
+    except OperationalError as exc:
+        logger.warning("A database connection failed (%s); checking the pool and retrying once", exc)
+        await pool.check()
+    async with pool.connection() as conn:
+        return await work(conn)
 
 
 async def migrate(pool: AsyncConnectionPool[Any]) -> list[str]:

@@ -17,6 +17,7 @@ from main import create_app
 from repositories.token_store import TokenKeyMismatch
 from tests.conftest import APP_URL, answer_for, make_settings, post_form
 from tests.fake_portal import FakePortal
+from tests.pg_server import TestPostgres
 
 pytestmark = pytest.mark.anyio
 KEY = Fernet.generate_key().decode()
@@ -88,3 +89,26 @@ async def _client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
         httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url=APP_URL) as http,
     ):
         yield http
+
+
+async def test_a_database_outage_gives_503_and_the_app_recovers(
+    tmp_path: Path, portal: FakePortal, pg_server: TestPostgres
+) -> None:
+    url = pg_server.new_database()
+    name = url.rsplit("/", 1)[1]
+    async with _client(app_for(make_settings(tmp_path, portal, database_url=url))) as http:
+        assert (await post_form(http, "/install", portal.install_event_body())).status_code == 200
+        # The database refuses every session: the pool's open connections die, new ones fail.
+        pg_server.psql(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")
+        pg_server.psql(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")  # noqa: S608
+        token, body = portal.robot_call_body({"first_name": "Outage"})
+        refused = await post_form(http, "/robot", body)
+        assert refused.status_code == 503
+        assert refused.json()["error"] == "storage_error"
+        assert "DATABASE_URL" in refused.json()["detail"]
+        pg_server.psql(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+        # The portal does not resend, but a retried call (or the next one) is taken and done.
+        accepted = await post_form(http, "/robot", body)
+        assert accepted.status_code == 200
+        answer = await answer_for(portal, token, timeout=20)
+        assert answer["return_values"]["error"] == ""
