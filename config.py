@@ -7,11 +7,16 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from repositories.token_cipher import TokenCipher
+
 
 class Settings(BaseSettings):
     """Every setting the app reads; the README documents each one."""
 
-    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+    # hide_input_in_errors: a wrong DATABASE_URL or key must not print its password in the error.
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", hide_input_in_errors=True
+    )
 
     bitrix_client_id: str | None = None
     bitrix_client_secret: SecretStr | None = None
@@ -51,8 +56,11 @@ class Settings(BaseSettings):
 
     @field_validator("token_encryption_key")
     @classmethod
-    def _empty_key_is_none(cls, value: SecretStr | None) -> SecretStr | None:
-        return value if value is not None and value.get_secret_value().strip() else None
+    def _key_is_fernet(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None
+        TokenCipher(value.get_secret_value().strip())  # raises TokenKeyError, which says how to make one
+        return SecretStr(value.get_secret_value().strip())
 
     @field_validator("bitrix_portal_url")
     @classmethod

@@ -15,7 +15,7 @@ SECRET_FIELDS = ("access_token", "refresh_token", "application_token")
 PREFIX = "fernet:"
 
 
-class TokenKeyError(Exception):
+class TokenKeyError(ValueError):
     """The stored tokens cannot be read with the configured key (or without one)."""
 
 

@@ -214,3 +214,17 @@ async def test_status_names_the_back_end_and_the_worker_leader(stores: Backend) 
     status = await stores.cluster_status()
     assert status.backend == ("embedded" if stores.pool is None else "postgresql")
     assert status.instance == stores.instance_id
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("token_encryption_key", "not-a-key-s3cr3t", "is not a Fernet key"),
+        ("database_url", "mysql://robot:s3cr3t@db/robot", "must look like postgresql://"),
+    ],
+)
+def test_a_malformed_key_or_url_is_refused_without_echoing_it(name: str, value: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message) as refused:
+        values: dict[str, Any] = {name: value}
+        Settings(_env_file=None, **values)  # type: ignore[call-arg]
+    assert "s3cr3t" not in str(refused.value)
