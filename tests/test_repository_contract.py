@@ -224,7 +224,7 @@ async def test_status_names_the_back_end_and_the_worker_leader(stores: Backend) 
     ],
 )
 def test_a_malformed_key_or_url_is_refused_without_echoing_it(name: str, value: str, message: str) -> None:
+    values: dict[str, Any] = {name: value}
     with pytest.raises(ValueError, match=message) as refused:
-        values: dict[str, Any] = {name: value}
         Settings(_env_file=None, **values)  # type: ignore[call-arg]
     assert "s3cr3t" not in str(refused.value)
