@@ -11,7 +11,7 @@ import contextvars
 import json
 import time
 from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from typing import Any
 
 from psycopg import AsyncConnection, Error
@@ -111,10 +111,12 @@ class PostgresTokenStore:
                     _locked.reset(token)
                 await conn.commit()
             except BaseException:
-                await conn.rollback()
+                with suppress(Error):  # a broken connection: the pool discards it anyway
+                    await conn.rollback()
                 raise
             finally:
-                await conn.set_autocommit(True)
+                with suppress(Error):
+                    await conn.set_autocommit(True)
 
     async def _fetch(self, sql: str, params: tuple[Any, ...], member_id: str | None) -> Rows:
         locked = _locked.get()
