@@ -148,6 +148,8 @@ def test_two_hosts_share_the_work_refresh_once_and_survive_kill_9_of_the_leader(
     )
 
     cluster.start(leader)
+    cluster.app(1 - leader).stop()  # and the survivor restarts too: all state is in the database
+    cluster.start(1 - leader)
     after = cluster.post_calls(10, "Restarted")
     wait_answered(portal, after, 30)
     all_tokens = tokens + expired + pending + after
