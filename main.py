@@ -30,6 +30,8 @@ from services.observability import configure_logging, register_secret, request_i
 from services.processing import ProcessingService
 from services.rate_limit import PortalRateLimiter
 from services.retry import RetryPolicy
+from services.robot_registration import RobotRegistration
+from services.token_upkeep import TokenUpkeep
 from services.worker import JobWorker
 
 logger = logging.getLogger(__name__)
@@ -63,16 +65,22 @@ async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
         limiter = PortalRateLimiter(settings.rate_limit_burst, settings.rate_limit_per_second)
         bitrix = BitrixClient(http, tokens, settings, limiter, policy)
         worker = JobWorker(journal, bitrix, settings, policy, backend.leadership)
+        robots = RobotRegistration(settings, tokens, bitrix, policy)
+        # At start and every hour, by the one process that leads the job worker.
+        worker.while_leading(robots.keep_registered)
         service = ProcessingService(
-            settings, tokens, bitrix, journal, backend.states, worker.wake, backend.cluster_status
+            settings, tokens, bitrix, journal, backend.states, worker.wake, robots, backend.cluster_status
         )
         task = asyncio.create_task(worker.run(), name="job-worker")
+        upkeep = asyncio.create_task(TokenUpkeep(tokens, bitrix, settings).run(), name="token-upkeep")
         try:
             yield AppState(service=service)
         finally:
-            task.cancel()
-            with suppress(asyncio.CancelledError):
-                await task
+            for background in (task, upkeep):
+                background.cancel()
+                with suppress(asyncio.CancelledError):
+                    await background
+            await robots.close()
         logger.info("Shut down")
 
 

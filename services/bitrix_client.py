@@ -31,7 +31,7 @@ import httpx
 from pydantic import ValidationError
 
 from config import Settings
-from repositories.token_store import TokenStore
+from repositories.token_store import TokenStore, TokenStoreError
 from schemas import PortalTokens, TokenResponse
 from services.rate_limit import PortalRateLimiter
 from services.retry import RetryPolicy
@@ -114,6 +114,10 @@ class PortalNotConnected(BitrixError):
     admin_hint = "The app holds no tokens for this portal; install the app or open /oauth/login."
 
 
+_DEAD_REFRESH = (
+    "The authorization server refused its refresh token (invalid_grant): unused for 180 days, "
+    "revoked, or already used by an older copy of the token file"
+)
 _AUTH_CODES = {"NO_AUTH_FOUND", "INVALID_TOKEN", "INVALID_CREDENTIALS", "WRONG_AUTH_TYPE"}
 _RATE_CODES = {"QUERY_LIMIT_EXCEEDED", "OPERATION_TIME_LIMIT", "OVERLOAD_LIMIT"}
 _PERMANENT_CODES = {"PORTAL_DELETED"}  # a 500 that no retry will fix
@@ -217,6 +221,12 @@ class BitrixClient:
         except BitrixTokenExpired:
             record = await self._refresh(member_id, stale_token=record.access_token)
             return await self._call_with_retry(record, method, params or {})
+        except BitrixAuthError as exc:
+            # Revoked: the pair no longer works, and the portal's next robot call may replace it.
+            async with self._tokens.refresh_lock(member_id):
+                reason = f"The portal refused its token ({exc})"
+                await self._disconnect(member_id, record.access_token, reason)
+            raise
 
     async def call_with_token(
         self, client_endpoint: str, access_token: str, method: str, params: Mapping[str, Any] | None = None
@@ -255,6 +265,8 @@ class BitrixClient:
         record = await self._tokens.get(member_id)
         if record is None or not record.access_token:
             raise PortalNotConnected(f"No tokens stored for portal {member_id}")
+        if record.disconnected_reason:
+            raise PortalNotConnected(f"Portal {record.domain} is disconnected: {record.disconnected_reason}")
         if record.expires_within(self._settings.token_refresh_margin_seconds):
             return await self._refresh(member_id, stale_token=record.access_token)
         return record
@@ -264,11 +276,14 @@ class BitrixClient:
         async with self._tokens.refresh_lock(member_id):
             # Another task or worker process may have refreshed while we waited for the lock.
             record = await self._tokens.get(member_id, fresh=True)
-            if record is None or not record.refresh_token:
-                raise PortalNotConnected(f"No refresh token stored for portal {member_id}")
+            if record is None or not record.refresh_token or record.disconnected_reason:
+                reason = record.disconnected_reason if record else None
+                raise PortalNotConnected(reason or f"No refresh token stored for portal {member_id}")
             margin = self._settings.token_refresh_margin_seconds
             if record.access_token != stale_token and not record.expires_within(margin):
                 return record
+            # A rotated pair not yet on disk is never rotated again: a crash would lose both.
+            await self._tokens.flush(member_id)
             logger.info("Refreshing the access token of portal %s", record.domain)
             try:
                 reply = await self._token_request(
@@ -278,12 +293,36 @@ class BitrixClient:
                 logger.error(
                     "Refreshing the token of portal %s failed: %s. %s", record.domain, exc, exc.admin_hint
                 )
+                if isinstance(exc, OAuthInvalidGrant):
+                    await self._disconnect(member_id, record.access_token, _DEAD_REFRESH)
                 raise
             updated = record.with_tokens(reply)
-            # Persist before replaying: the old refresh token is already dead on the server.
-            await self._tokens.save(updated)
+            # Persist before replaying: the old refresh token is already dead on the server. If the
+            # disk refuses, the store keeps the pair in memory and saves it later; it is not lost.
+            await self._tokens.save_rotated(updated)
             logger.info("Access token of portal %s refreshed", record.domain)
             return updated
+
+    async def _disconnect(self, member_id: str, refused_token: str | None, reason: str) -> None:
+        """Record (under the refresh lock) that the stored pair no longer works, unless replaced meanwhile."""
+        record = await self._tokens.get(member_id, fresh=True)
+        if record is None or record.access_token != refused_token or record.disconnected_reason:
+            return
+        reason = f"{reason}. The portal's next robot call reconnects it, or open /oauth/login."
+        logger.error("Portal %s is disconnected: %s", record.domain, reason)
+        try:
+            await self._tokens.save(record.model_copy(update={"disconnected_reason": reason}))
+        except TokenStoreError as exc:
+            logger.error("%s", exc)
+
+    async def renew(self, member_id: str, stale_token: str | None) -> PortalTokens:
+        """Refresh now, unless another task or process has refreshed since `stale_token` was read.
+
+        Raises:
+            PortalNotConnected, OAuthError, BitrixError: as for `call`.
+            TokenStoreError: the token file cannot be read, or a kept pair cannot be saved yet.
+        """
+        return await self._refresh(member_id, stale_token)
 
     async def _token_request(self, grant: Mapping[str, str]) -> TokenResponse:
         secret = self._settings.bitrix_client_secret

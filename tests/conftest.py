@@ -16,7 +16,7 @@ from main import create_app
 from tests.fake_portal import FakePortal, FakePortalConfig
 from tests.pg_server import TestPostgres
 
-APP_URL = "http://testserver"
+APP_URL = "http://robot.example.test"  # a dotted host: the portal refuses others as HANDLER
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
 

@@ -494,7 +494,15 @@ async def test_refused_refresh_raises_and_leaves_the_store_unchanged(
     assert caught.value.error == error
     assert token_route.call_count == 1
     assert rest_route.call_count == 0
-    assert bx.path.read_bytes() == before
+    stored, kept = json.loads(bx.path.read_text()), json.loads(before)
+    # invalid_grant is for good: the record says so (tokens unchanged), and nothing is sent again.
+    reason = stored["portals"][MEMBER_ID].pop("disconnected_reason")
+    kept["portals"][MEMBER_ID].pop("disconnected_reason", None)
+    assert stored == kept
+    assert (reason is not None) == (error == "invalid_grant")
+    with pytest.raises(OAuthError if reason is None else PortalNotConnected):
+        await bx.client.call(MEMBER_ID, "app.info")
+    assert token_route.call_count == (2 if reason is None else 1)
 
 
 @pytest.mark.anyio
@@ -717,3 +725,18 @@ async def test_exchange_code_without_credentials_sends_nothing(bx: Harness) -> N
         await bx.client.exchange_code("code")
 
     assert bx.router.calls.call_count == 0
+
+
+@pytest.mark.anyio
+async def test_a_revoked_token_marks_the_portal_disconnected_and_is_not_sent_again(bx: Harness) -> None:
+    await bx.install()
+    route = bx.router.post(f"{REST}app.info").mock(return_value=_err(401, "NO_AUTH_FOUND", "Wrong auth"))
+
+    with pytest.raises(BitrixAuthError):
+        await bx.client.call(MEMBER_ID, "app.info")
+    with pytest.raises(PortalNotConnected, match="NO_AUTH_FOUND"):
+        await bx.client.call(MEMBER_ID, "app.info")
+
+    assert route.call_count == 1
+    assert "NO_AUTH_FOUND" in bx.stored()["disconnected_reason"]
+    assert bx.stored()["access_token"] == OLD_ACCESS

@@ -13,17 +13,17 @@ from cryptography.fernet import Fernet
 
 from config import Settings
 from repositories.job_journal import NewJob
-from repositories.token_store import TokenKeyMismatch
+from repositories.token_store import TokenKeyMismatch, TokenStoreError
 from schemas import PortalTokens
 from services.backend import Backend, open_backend
+from tests.storage_faults import TinyTmpfs
 
 pytestmark = pytest.mark.anyio
 
 
 def backend_settings(tmp_path: Path, database_url: str | None, **values: Any) -> Settings:
-    values.update(
-        token_file=tmp_path / "tokens.json", job_db_file=tmp_path / "jobs.sqlite3", database_url=database_url
-    )
+    values = {"token_file": tmp_path / "tokens.json", "job_db_file": tmp_path / "jobs.sqlite3", **values}
+    values["database_url"] = database_url
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
 
 
@@ -228,3 +228,64 @@ def test_a_malformed_key_or_url_is_refused_without_echoing_it(name: str, value: 
     with pytest.raises(ValueError, match=message) as refused:
         Settings(_env_file=None, **values)  # type: ignore[call-arg]
     assert "s3cr3t" not in str(refused.value)
+
+
+class WriteRefusal:
+    """Makes a back end refuse token writes while reads still work, then take them again.
+
+    Embedded: the token file on a tiny tmpfs, filled up (ENOSPC from the kernel).
+    PostgreSQL: a trigger on the token table that raises, as a full or failing server would.
+    """
+
+    def __init__(self, disk: TinyTmpfs, database_url: str | None) -> None:
+        self.disk, self.database_url = disk, database_url
+
+    def _sql(self, sql: str) -> None:
+        assert self.database_url is not None
+        with psycopg.connect(self.database_url, autocommit=True) as conn:
+            conn.execute(sql.encode())
+
+    def refuse(self) -> None:
+        if self.database_url is None:
+            self.disk.fill()
+            return
+        self._sql(
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS"
+            " $$ BEGIN RAISE EXCEPTION 'could not extend file: No space left on device'; END $$;"
+            " CREATE TRIGGER refuse BEFORE INSERT OR UPDATE ON portal_tokens"
+            " FOR EACH ROW EXECUTE FUNCTION refuse()"
+        )
+
+    def allow(self) -> None:
+        if self.database_url is None:
+            self.disk.free()
+            return
+        self._sql("DROP TRIGGER refuse ON portal_tokens")
+
+
+async def test_a_rotated_pair_the_store_refuses_is_kept_and_stored_later(
+    tmp_path: Path, database_url: str | None
+) -> None:
+    with TinyTmpfs(tmp_path / "disk") as disk:
+        settings = backend_settings(tmp_path, database_url, token_file=disk.path / "tokens.json")
+        refusal = WriteRefusal(disk, database_url)
+        async with open_backend(settings) as b:
+            await b.tokens.save(record())
+            refusal.refuse()
+            rotated = record(access="access-2", refresh="refresh-2")
+            async with b.tokens.refresh_lock("m1"):
+                await b.tokens.save_rotated(rotated)  # refused, and kept: not raised, not lost
+            assert "m1" in b.tokens.unsaved()
+            got = await b.tokens.get("m1", fresh=True)
+            assert got is not None
+            assert got.refresh_token == "refresh-2"
+            assert [r.refresh_token for r in await b.tokens.list()] == ["refresh-2"]
+            with pytest.raises(TokenStoreError):
+                await b.tokens.flush()
+            refusal.allow()
+            await b.tokens.flush()
+            assert b.tokens.unsaved() == {}
+        async with open_backend(settings) as again:  # what a restart (or another instance) reads
+            stored = await again.tokens.get("m1", fresh=True)
+            assert stored is not None
+            assert stored.refresh_token == "refresh-2"
