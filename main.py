@@ -55,8 +55,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
     register_secret(*settings.secret_values())
     _report_settings(settings)
     timeout = httpx.Timeout(settings.http_timeout_seconds, connect=5.0)
+    # Tests route portal and authorization-server hosts to 127.0.0.1 through `app.state.bitrix_transport`.
+    transport: httpx.AsyncBaseTransport | None = getattr(app.state, "bitrix_transport", None)
+    headers = {"User-Agent": "bitrix24-contact-robot/1.0"}
     async with (
-        httpx.AsyncClient(timeout=timeout, headers={"User-Agent": "bitrix24-contact-robot/1.0"}) as http,
+        httpx.AsyncClient(timeout=timeout, headers=headers, transport=transport) as http,
         open_backend(settings) as backend,
     ):
         tokens, journal = backend.tokens, backend.journal

@@ -192,6 +192,8 @@ class PortalTokens(BaseModel):
     # Set when the stored pair no longer works (the refresh was refused for good): the sentence
     # health and the status page show. A new pair (refresh, robot call, install, login) clears it.
     disconnected_reason: str | None = None
+    renamed_from: str | None = None  # the portal's previous host, after a rename the app followed
+    moved_to: str | None = None  # a new REST address the settings refused (BITRIX_PORTAL_URL pins the old)
 
     def expires_within(self, seconds: float) -> bool:
         return self.expires_at - time.time() < seconds
@@ -219,6 +221,7 @@ class PortalTokens(BaseModel):
                 "expires_at": expiry(reply.expires, reply.expires_in),
                 "scope": reply.scope or self.scope,
                 "user_id": reply.user_id if reply.user_id is not None else self.user_id,
+                "server_endpoint": reply.server_endpoint or self.server_endpoint,
                 "updated_at": time.time(),
                 "refresh_issued_at": time.time() if reply.refresh_token else self.refresh_issued_at,
                 "disconnected_reason": None,
@@ -271,6 +274,9 @@ class PortalStatus(BaseModel):
     disconnected_reason: str | None = None
     # Set while the newest tokens are only in memory because the token file cannot be written.
     tokens_unsaved: str | None = None
+    renamed_from: str | None = None  # the previous host of a renamed portal the app followed
+    moved_to: str | None = None  # a new address refused because BITRIX_PORTAL_URL pins the old one
+    move_advice: str | None = None  # what to change then, in one sentence
 
 
 class RobotRun(BaseModel):

@@ -45,6 +45,7 @@ from services.errors import (
     UpstreamUnavailable,
 )
 from services.observability import portal_var, register_secret, workflow_var
+from services.portal_moves import move_advice
 from services.robot_registration import Outcome, RobotRegistration
 from services.trust import allowed_portal, verify_callback
 
@@ -223,7 +224,11 @@ class ProcessingService:
         raise BadRequest("Set BITRIX_PORTAL_URL, or open /oauth/login?domain=your-portal.bitrix24.ru")
 
     async def finish_login(
-        self, code: str | None, state: str | None, browser_nonce: str | None
+        self,
+        code: str | None,
+        state: str | None,
+        browser_nonce: str | None,
+        server_domain: str | None = None,
     ) -> PortalTokens:
         """OAuth callback: check `state`, exchange `code`, store the tokens."""
         if not state:
@@ -236,7 +241,7 @@ class ProcessingService:
         register_secret(code)
         self._require_configured()
         try:
-            reply = await self._bitrix.exchange_code(code)
+            reply = await self._bitrix.exchange_code(code, server_domain)
         except OAuthError as exc:
             raise InstallRejected(
                 f"The authorization server refused the code: {exc}. {exc.admin_hint}"
@@ -395,6 +400,9 @@ def _portal_status(record: PortalTokens, unsaved: str | None) -> PortalStatus:
         disconnected_reason=reason,
         tokens_unsaved=f"{unsaved} {_KEPT.format(record.domain)}" if unsaved else None,
         robot_problem=record.robot_problem,
+        renamed_from=record.renamed_from,
+        moved_to=record.moved_to,
+        move_advice=move_advice(record),
     )
 
 

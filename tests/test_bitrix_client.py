@@ -26,7 +26,9 @@ from services.bitrix_client import (
     BitrixAuthError,
     BitrixClient,
     BitrixError,
+    BitrixMethodLimited,
     BitrixRateLimitError,
+    BitrixScopeMissing,
     BitrixServerError,
     BitrixTokenExpired,
     BitrixTransportError,
@@ -157,7 +159,7 @@ def _form(request: httpx.Request) -> dict[str, str]:
     [
         (_err(400, "", "Parameter 'fields' must be array."), BitrixApiError),
         (_err(200, "ERROR_CORE", "The field Work e-mail contains an invalid address"), BitrixApiError),
-        (_err(403, "insufficient_scope", "The request requires higher privileges"), BitrixApiError),
+        (_err(403, "insufficient_scope", "The request requires higher privileges"), BitrixScopeMissing),
         (_err(400, "ERROR_METHOD_NOT_FOUND", "Method not found!"), BitrixApiError),
         (_expired(), BitrixTokenExpired),
         (_err(401, "NO_AUTH_FOUND", "Wrong authorization data"), BitrixAuthError),
@@ -166,7 +168,7 @@ def _form(request: httpx.Request) -> dict[str, str]:
         (_err(503, "QUERY_LIMIT_EXCEEDED", "Too many requests"), BitrixRateLimitError),
         (
             _err(429, "OPERATION_TIME_LIMIT", "Method is blocked due to operation time limit."),
-            BitrixRateLimitError,
+            BitrixMethodLimited,
         ),
         (_err(403, "ACCESS_DENIED", "Access denied!"), BitrixAccessDenied),
         (_err(500, "INTERNAL_SERVER_ERROR", "Internal server error"), BitrixServerError),
@@ -634,7 +636,9 @@ async def test_batch_where_every_command_failed_has_an_empty_result_array(bx: Ha
     outcome = await bx.client.batch(MEMBER_ID, {"a": ("crm.contact.add", CONTACT)})
 
     assert outcome.results == {}
-    assert outcome.errors["a"].error == "insufficient_scope"
+    error = outcome.errors["a"]
+    assert isinstance(error, BitrixScopeMissing)
+    assert error.error == "insufficient_scope"
 
 
 @pytest.mark.anyio
