@@ -5,8 +5,10 @@ them. Claims still take `FOR UPDATE SKIP LOCKED` and a lease, so that two claime
 the same job even for the moment when leadership changes hands.
 """
 
+import asyncio
 import time
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 from psycopg import AsyncConnection
@@ -22,24 +24,41 @@ from schemas import QueueStats, RobotRun
 class PostgresJobJournal:
     def __init__(self, pool: AsyncConnectionPool[Any]) -> None:
         self._pool = pool
+        # Group commit: the calls that arrive while an insert is in flight go in the next one.
+        self._waiting: list[tuple[NewJob, asyncio.Future[tuple[int, bool]]]] = []
+        self._inserting: asyncio.Task[None] | None = None
 
     async def add(self, job: NewJob) -> tuple[int, bool]:
-        now = time.time()
-        row = (
-            job.event_token,
-            job.member_id,
-            job.workflow_id,
-            job.document_id,
-            Jsonb(job.properties),
-            job.error,
-            job.client_endpoint,
-            job.call_access_token,
-            job.deadline,
-            now,
-            now,
-            now,
-        )
-        return await with_retry(self._pool, lambda conn: _insert(conn, row, job.event_token))
+        """Store the job before the call's 200; concurrent calls share one INSERT and one commit.
+
+        A statement costs the app about 0.5 ms of CPU in the driver, more than the rest of the
+        acknowledgement: one multi-row INSERT for all the calls that came in meanwhile keeps the
+        cost per call low under load, and adds nothing when calls come one at a time.
+        """
+        done: asyncio.Future[tuple[int, bool]] = asyncio.get_running_loop().create_future()
+        self._waiting.append((job, done))
+        if self._inserting is None or self._inserting.done():
+            self._inserting = asyncio.create_task(self._insert_waiting())
+        return await done
+
+    async def _insert_waiting(self) -> None:
+        while self._waiting:
+            batch, self._waiting = self._waiting, []
+            try:
+                ids = await with_retry(self._pool, partial(_insert_many, jobs=[job for job, _ in batch]))
+            except BaseException as exc:  # every waiting call learns of it (503), none is left hanging
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(exc if isinstance(exc, Exception) else RuntimeError("shut down"))
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            seen: set[str] = set()
+            for job, done in batch:
+                created = job.event_token in ids[1] and job.event_token not in seen
+                seen.add(job.event_token)
+                if not done.done():
+                    done.set_result((ids[0][job.event_token], created))
 
     async def claim(self, limit: int, lease_seconds: float) -> list[Job]:
         now = time.time()
@@ -157,21 +176,38 @@ class PostgresJobJournal:
             return rows
 
 
-async def _insert(conn: AsyncConnection[Any], row: tuple[Any, ...], event_token: str) -> tuple[int, bool]:
-    cursor = await conn.execute(
-        "INSERT INTO jobs (event_token, member_id, workflow_id, document_id, properties, error,"
-        " client_endpoint, call_access_token, state, deadline, next_attempt_at, created_at,"
-        " updated_at) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,'add',%s,%s,%s,%s)"
-        " ON CONFLICT (event_token) DO NOTHING RETURNING id",
-        row,
-    )
-    inserted = await cursor.fetchone()
-    if inserted is not None:
-        return int(inserted[0]), True
-    cursor = await conn.execute("SELECT id FROM jobs WHERE event_token = %s", (event_token,))
-    found = await cursor.fetchone()
-    assert found is not None  # a conflicting row exists, and jobs are never deleted
-    return int(found[0]), False
+async def _insert_many(conn: AsyncConnection[Any], jobs: list[NewJob]) -> tuple[dict[str, int], set[str]]:
+    """(event_token → id for every job, the event tokens inserted now); known tokens are kept."""
+    now = time.time()
+    columns = [
+        [job.event_token for job in jobs],
+        [job.member_id for job in jobs],
+        [job.workflow_id for job in jobs],
+        [job.document_id for job in jobs],
+        [Jsonb(job.properties) for job in jobs],
+        [job.error for job in jobs],
+        [job.client_endpoint for job in jobs],
+        [job.call_access_token for job in jobs],
+        [job.deadline for job in jobs],
+    ]
+    async with conn.transaction():
+        cursor = await conn.execute(
+            "INSERT INTO jobs (event_token, member_id, workflow_id, document_id, properties, error,"
+            " client_endpoint, call_access_token, deadline, state, next_attempt_at, created_at, updated_at)"
+            " SELECT t.*, 'add', %s, %s, %s FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[],"
+            " %s::jsonb[], %s::text[], %s::text[], %s::text[], %s::float8[]) AS t"
+            " ON CONFLICT (event_token) DO NOTHING RETURNING event_token, id",
+            (now, now, now, *columns),
+        )
+        inserted = {row[0]: int(row[1]) for row in await cursor.fetchall()}
+        missing = [job.event_token for job in jobs if job.event_token not in inserted]
+        known: dict[str, int] = {}
+        if missing:
+            cursor = await conn.execute(
+                "SELECT event_token, id FROM jobs WHERE event_token = ANY(%s)", (missing,)
+            )
+            known = {row[0]: int(row[1]) for row in await cursor.fetchall()}
+    return {**known, **inserted}, set(inserted)
 
 
 def _job(row: dict[str, Any]) -> Job:

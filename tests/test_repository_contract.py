@@ -158,6 +158,20 @@ async def test_journal_stores_each_event_token_once(stores: Backend) -> None:
     assert claimed[0].properties == {"first_name": "Иван", "nested": {"a": [1, 2]}}
 
 
+async def test_concurrent_adds_store_each_event_token_once(stores: Backend) -> None:
+    # 60 calls at once, each of 20 event tokens three times (redeliveries racing the first).
+    results = await asyncio.gather(*(stores.journal.add(new_job(f"t{i % 20}")) for i in range(60)))
+    by_token: dict[str, set[int]] = {}
+    created: dict[str, int] = {}
+    for i, (job_id, new) in enumerate(results):
+        by_token.setdefault(f"t{i % 20}", set()).add(job_id)
+        created[f"t{i % 20}"] = created.get(f"t{i % 20}", 0) + int(new)
+    assert all(len(ids) == 1 for ids in by_token.values())
+    assert len({next(iter(ids)) for ids in by_token.values()}) == 20
+    assert set(created.values()) == {1}
+    assert await stores.journal.due_count(100) == 20
+
+
 async def test_journal_life_cycle(stores: Backend) -> None:
     ids = [(await stores.journal.add(new_job(f"t{i}")))[0] for i in range(3)]
     assert await stores.journal.due_count(10) == 3
