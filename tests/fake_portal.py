@@ -203,6 +203,22 @@ class _Failure:
 
 
 @dataclass
+class _LateReply:
+    """A fault after the work is done: the reply comes `delay` seconds late, or as a 5xx."""
+
+    delay: float
+    status: int | None
+    times: int
+
+
+# What a real portal's robot calls carry in `timeout_duration` (wire doc 6.3 captures 660;
+# interface.md "How long a job keeps trying": 0 or absent means the workflow waits without limit).
+# Calls cycle through them unless a test asks for one.
+TIMEOUT_DURATIONS: tuple[int | None, ...] = (0, None, 660, 86400)
+VARIED = -1  # robot_call_body's default: the next of TIMEOUT_DURATIONS
+
+
+@dataclass
 class _ListResult:
     """A list-method answer: the envelope also carries ``total`` and ``next`` (wire doc 3.3)."""
 
@@ -286,6 +302,8 @@ class _State:
         self.robots: dict[str, dict[str, Any]] = {}
         self.events: list[dict[str, Any]] = []
         self.failures: dict[str, deque[_Failure]] = {}
+        self.late_replies: dict[str, deque[_LateReply]] = {}
+        self.timeouts = 0  # robot calls made, to cycle through TIMEOUT_DURATIONS
         self.stats = _new_stats()
         self.recent_errors: deque[str] = deque(maxlen=20)
         self.bucket = _LeakyBucket(config.rate_burst, config.rate_drain)
@@ -338,6 +356,16 @@ class _State:
         if rule.times <= 0:
             queue.popleft()
         return PortalError(rule.status, rule.error, rule.description)
+
+    def take_late_reply(self, method: str) -> _LateReply | None:
+        queue = self.late_replies.get(method)
+        if not queue:
+            return None
+        rule = queue[0]
+        rule.times -= 1
+        if rule.times <= 0:
+            queue.popleft()
+        return rule
 
     def count_method(self, method: str) -> None:
         per_method: dict[str, int] = self.stats["per_method"]
@@ -1201,15 +1229,20 @@ class FakePortal:
         *,
         code: str = "create_contact",
         document_id: tuple[str, str, str] = ("crm", "CCrmDocumentDeal", "DEAL_4521"),
-        timeout_duration: int | None = 660,
+        timeout_duration: int | None = VARIED,
         event_token: str | None = None,
         application_token: str | None = None,
     ) -> tuple[str, str]:
         """(event_token, body) of a robot invocation (wire doc 6.3); the token is then pending.
 
         Re-using an ``event_token`` models a redelivery: an already answered token stays
-        answered, so a second ``bizproc.event.send`` gets ACCESS_DENIED.
+        answered, so a second ``bizproc.event.send`` gets ACCESS_DENIED. ``timeout_duration``
+        None leaves the field out; by default calls cycle through ``TIMEOUT_DURATIONS``.
         """
+        if timeout_duration == VARIED:
+            with self._state.lock:
+                timeout_duration = TIMEOUT_DURATIONS[self._state.timeouts % len(TIMEOUT_DURATIONS)]
+                self._state.timeouts += 1
         workflow_id = event_token.split("|", 1)[0] if event_token else _new_workflow_id()
         token = event_token or _new_event_token(workflow_id)
         user_id, waits = self._robot_user(code)
@@ -1289,6 +1322,26 @@ class FakePortal:
         with self._state.lock:
             queue = self._state.failures.setdefault(name, deque())
             queue.append(_Failure(status, error, description, times))
+
+    def reply_late(
+        self, method: str, *, delay: float = 0.0, status: int | None = None, times: int = 1
+    ) -> None:
+        """The next `times` requests of `method` run and commit, then the reply is lost.
+
+        It comes `delay` seconds late (past the app's HTTP timeout), or as a gateway error
+        `status` (502/504) with no Bitrix envelope. A real portal does this: PHP keeps running
+        after the client or the gateway gave up (the request limit is time-based, see
+        b24restdocs `limits.md`, "operating"), so a lost reply says nothing about the work.
+        """
+        with self._state.lock:
+            queue = self._state.late_replies.setdefault(_method_name(method), deque())
+            queue.append(_LateReply(delay, status, times))
+
+    def clear_failures(self) -> None:
+        """Forget every pending `fail_next` and `reply_late`: the portal is healthy again."""
+        with self._state.lock:
+            self._state.failures.clear()
+            self._state.late_replies.clear()
 
     def hold(self, *, replies: bool = False) -> None:
         """Stall REST requests before they run; with `replies`, after they ran but before the reply.
@@ -1419,7 +1472,12 @@ class FakePortal:
             except PortalError as exc:
                 self._state.note_error(method, exc)
                 response = _error_response(exc)
+            late = self._state.take_late_reply(method)
         await self._wait_while_held(self._replies_released)
+        if late is not None:
+            await asyncio.sleep(late.delay)
+            if late.status is not None:  # the gateway's page, not a Bitrix envelope
+                return HTMLResponse("<html><body>Bad Gateway</body></html>", status_code=late.status)
         return response
 
     @staticmethod
