@@ -45,6 +45,9 @@ class BitrixError(Exception):
     """Base of every failure talking to Bitrix24."""
 
     retryable = False
+    # Whether the portal may have run the request although the app got no answer (a read timeout,
+    # a 5xx): a non-idempotent request must then not be sent again blindly.
+    may_have_run = False
     admin_hint = "Check the portal and the app's log."
 
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
@@ -55,6 +58,10 @@ class BitrixError(Exception):
 class BitrixTransportError(BitrixError):
     retryable = True
     admin_hint = "The portal could not be reached; check the network between the app and Bitrix24."
+
+    def __init__(self, message: str, *, may_have_run: bool = True) -> None:
+        super().__init__(message)
+        self.may_have_run = may_have_run
 
 
 class BitrixApiError(BitrixError):
@@ -88,6 +95,7 @@ class BitrixRateLimitError(BitrixApiError):
 
 class BitrixServerError(BitrixApiError):
     retryable = True
+    may_have_run = True
     admin_hint = "The portal answered with a server error; the app retried and gave up."
 
 
@@ -200,11 +208,19 @@ class BitrixClient:
         self._policy = policy or RetryPolicy()
         self._sleep = sleep
 
-    async def call(self, member_id: str, method: str, params: Mapping[str, Any] | None = None) -> Any:
+    async def call(
+        self,
+        member_id: str,
+        method: str,
+        params: Mapping[str, Any] | None = None,
+        *,
+        idempotent: bool = True,
+    ) -> Any:
         """Call `method` on an installed portal with its stored token.
 
         Refreshes the token first when it is about to expire, and once more (then replays the
-        call once) when the portal says `expired_token`.
+        call once) when the portal says `expired_token`. A call that is not `idempotent` is
+        retried only after failures that prove it did not run (connection refused, rate limit).
 
         Raises:
             PortalNotConnected: no tokens are stored for `member_id`.
@@ -213,10 +229,10 @@ class BitrixClient:
         """
         record = await self._usable_record(member_id)
         try:
-            return await self._call_with_retry(record, method, params or {})
+            return await self._call_with_retry(record, method, params or {}, idempotent)
         except BitrixTokenExpired:
             record = await self._refresh(member_id, stale_token=record.access_token)
-            return await self._call_with_retry(record, method, params or {})
+            return await self._call_with_retry(record, method, params or {}, idempotent)
 
     async def call_with_token(
         self, client_endpoint: str, access_token: str, method: str, params: Mapping[str, Any] | None = None
@@ -232,15 +248,19 @@ class BitrixClient:
         return await self._call_with_retry(record, method, params or {})
 
     async def batch(
-        self, member_id: str, commands: Mapping[str, tuple[str, Mapping[str, Any]]]
+        self,
+        member_id: str,
+        commands: Mapping[str, tuple[str, Mapping[str, Any]]],
+        *,
+        idempotent: bool = True,
     ) -> BatchResult:
         """Run up to 50 commands in one request; each command succeeds or fails on its own.
 
         Raises:
-            BitrixError: the batch request itself failed (as for `call`).
+            BitrixError: the batch request itself failed (as for `call`, `idempotent` included).
         """
         cmd = {key: f"{method}?{php_query(params)}" for key, (method, params) in commands.items()}
-        reply = await self.call(member_id, "batch", {"halt": 0, "cmd": cmd})
+        reply = await self.call(member_id, "batch", {"halt": 0, "cmd": cmd}, idempotent=idempotent)
         return _batch_result(reply, {key: method for key, (method, _) in commands.items()})
 
     async def exchange_code(self, code: str) -> TokenResponse:
@@ -304,13 +324,15 @@ class BitrixClient:
             raise BitrixTransportError(f"OAuth server {url} unreachable: {type(exc).__name__}") from exc
         return _token_reply(response)
 
-    async def _call_with_retry(self, record: PortalTokens, method: str, params: Mapping[str, Any]) -> Any:
+    async def _call_with_retry(
+        self, record: PortalTokens, method: str, params: Mapping[str, Any], idempotent: bool = True
+    ) -> Any:
         attempt = 0
         while True:
             try:
                 return await self._send(record, method, params)
             except BitrixError as exc:
-                if not self._policy.should_retry(exc, attempt):
+                if not self._policy.should_retry(exc, attempt) or (exc.may_have_run and not idempotent):
                     raise
                 delay = self._policy.delay(attempt, exc.retry_after)
                 logger.warning("%s failed (%s); retry %d in %.1fs", method, exc, attempt + 1, delay)
@@ -326,7 +348,11 @@ class BitrixClient:
             # The token travels in the JSON body, so the URL we log carries no secret.
             response = await self._http.post(url, json={**params, "auth": record.access_token})
         except httpx.HTTPError as exc:
-            raise BitrixTransportError(f"{method}: {type(exc).__name__} talking to {url}") from exc
+            # Only a connection never made proves the request did not run; a read timeout does not.
+            unsent = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
+            raise BitrixTransportError(
+                f"{method}: {type(exc).__name__} talking to {url}", may_have_run=not unsent
+            ) from exc
         elapsed = (time.perf_counter() - started) * 1000
         logger.info("REST %s -> %d in %.0f ms", url, response.status_code, elapsed)
         logger.debug("REST %s reply: %s", method, response.text[:2000])

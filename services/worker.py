@@ -21,7 +21,7 @@ from filelock import FileLock, Timeout
 
 from config import Settings
 from repositories.job_journal import Job, JobJournal, JobState
-from services.bitrix_client import BatchResult, BitrixAccessDenied, BitrixClient, BitrixError
+from services.bitrix_client import BitrixAccessDenied, BitrixClient, BitrixError
 from services.contact_validation import InvalidContactData, contact_fields
 from services.observability import portal_var, workflow_var
 from services.retry import RetryPolicy
@@ -35,6 +35,8 @@ _ADD_SHARE = 0.75  # of a job's budget spent creating the contact; the rest is f
 _IDLE_SECONDS = 0.5
 _LEADER_POLL_SECONDS = 2.0
 _MAX_PASSES = 4  # batches in flight at once; the rate limiter still paces their requests
+# A job's own retries: capped at 5 minutes, for as long as its workflow waits (interface.md).
+JOB_RETRY = RetryPolicy(base_delay=1.0, max_delay=300.0)
 
 
 def origin_id(event_token: str) -> str:
@@ -54,6 +56,7 @@ class JobWorker:
         self._policy = policy
         self._wakeup = asyncio.Event()
         self._last_due = -1  # jobs due at the previous look, to tell a growing batch from a stalled one
+        self._in_flight: set[int] = set()  # ids of the jobs the running passes work on
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -62,7 +65,18 @@ class JobWorker:
         """Loop until cancelled; failures are logged and retried, never fatal."""
         async with self._leadership():
             logger.info("Job worker started")
+            await self._reclaim()
             await self._loop()
+
+    async def _reclaim(self) -> None:
+        """Only the leader works on jobs, so the leases it finds are a dead worker's: take them now."""
+        try:
+            count = await self._journal.reclaim_all()
+        except Exception:
+            logger.exception("Could not reclaim a previous worker's jobs; they resume when their lease ends")
+            return
+        if count:
+            logger.info("Resuming %d job(s) a previous worker had claimed", count)
 
     @asynccontextmanager
     async def _leadership(self) -> AsyncIterator[None]:
@@ -111,12 +125,18 @@ class JobWorker:
         """
         if running and not await self._batch_worth_starting():
             return False
-        jobs = await self._journal.claim(BATCH_LIMIT, self._settings.job_lease_seconds)
+        claimed = await self._journal.claim(BATCH_LIMIT, self._settings.job_lease_seconds)
+        # A job whose lease ran out while a pass works on it (a portal slower than the lease, a
+        # wall-clock jump) is claimed again, which renews its lease, but never worked on twice.
+        jobs = [job for job in claimed if job.id not in self._in_flight]
         if not jobs:
             return False
+        ids = {job.id for job in jobs}
+        self._in_flight |= ids
         task = asyncio.create_task(self._pass(jobs))
         running.add(task)
         task.add_done_callback(running.discard)
+        task.add_done_callback(lambda _: self._in_flight.difference_update(ids))
         return True
 
     async def _batch_worth_starting(self) -> bool:
@@ -170,8 +190,8 @@ class JobWorker:
         """Create the contacts; returns the jobs that are now ready to answer."""
         ready, fields = self._triage(jobs, writes)
         live = [job for job in jobs if job.id in fields]
-        found = await self._find_existing(member_id, [job for job in live if job.add_attempted])
-        ready += [writes.to_send(job, found[job.id], "") for job in live if job.id in found]
+        found = await self._find_existing(member_id, [job for job in live if job.add_attempted], writes)
+        ready += [writes.to_send(job, found[job.id], "") for job in live if found.get(job.id)]
         fresh = [job for job in live if job.id not in found]
         if fresh:
             ready += await self._add_contacts(member_id, fresh, fields, writes)
@@ -194,24 +214,28 @@ class JobWorker:
                 ready.append(writes.to_send(job, 0, str(exc)))
         return ready, fields
 
-    async def _find_existing(self, member_id: str, jobs: Sequence[Job]) -> dict[int, int]:
-        """Contacts made by an earlier attempt that died before it could record their ids."""
+    async def _find_existing(self, member_id: str, jobs: Sequence[Job], writes: "_Writes") -> dict[int, int]:
+        """Contacts made by an earlier attempt whose outcome is unknown (a crash, a lost reply).
+
+        Job id → contact id; 0 for a job whose look-up failed: it is retried, never added blindly.
+        """
         if not jobs:
             return {}
-        commands = {
-            _key(job): (
-                "crm.contact.list",
-                {
-                    "filter": {"ORIGINATOR_ID": ORIGINATOR_ID, "ORIGIN_ID": origin_id(job.event_token)},
-                    "select": ["ID"],
-                },
-            )
-            for job in jobs
-        }
-        outcome = await self._batch_or_none(member_id, commands)
+        try:
+            outcome = await self._bitrix.batch(member_id, _lookup_commands(jobs))
+        except BitrixError as exc:
+            logger.warning("Looking up earlier contacts failed (%s); the jobs will be retried", exc)
+            for job in jobs:
+                writes.retry(job, exc, self._policy)
+            return dict.fromkeys((job.id for job in jobs), 0)
         found: dict[int, int] = {}
         for job in jobs:
-            items = outcome.results.get(_key(job)) if outcome else None
+            error = outcome.errors.get(_key(job))
+            if error is not None:
+                writes.retry(job, error, self._policy)
+                found[job.id] = 0
+                continue
+            items = outcome.results.get(_key(job))
             if isinstance(items, list) and items and isinstance(items[0], dict):
                 found[job.id] = int(items[0]["ID"])
                 _set_context(job)
@@ -225,7 +249,9 @@ class JobWorker:
         await self._journal.mark_add_attempted([job.id for job in jobs])
         commands = {_key(job): ("crm.contact.add", _add_params(job, fields[job.id])) for job in jobs}
         try:
-            outcome = await self._bitrix.batch(member_id, commands)
+            # Not idempotent: after a lost reply the client does not resend; the job is retried,
+            # and the retry first looks its contact up by ORIGIN_ID (`_find_existing`).
+            outcome = await self._bitrix.batch(member_id, commands, idempotent=False)
         except BitrixError as exc:
             return self._add_failed(jobs, exc, writes)
         ready: list[Job] = []
@@ -279,15 +305,6 @@ class JobWorker:
         except BitrixError as exc:
             return exc
         return None
-
-    async def _batch_or_none(
-        self, member_id: str, commands: dict[str, tuple[str, dict[str, Any]]]
-    ) -> BatchResult | None:
-        try:
-            return await self._bitrix.batch(member_id, commands)
-        except BitrixError as exc:
-            logger.warning("Looking up earlier contacts failed (%s); the jobs will be retried", exc)
-            return None
 
 
 @dataclass
@@ -348,6 +365,19 @@ def _set_context(job: Job) -> None:
 
 def _key(job: Job) -> str:
     return f"job{job.id}"
+
+
+def _lookup_commands(jobs: Sequence[Job]) -> dict[str, tuple[str, dict[str, Any]]]:
+    return {
+        _key(job): (
+            "crm.contact.list",
+            {
+                "filter": {"ORIGINATOR_ID": ORIGINATOR_ID, "ORIGIN_ID": origin_id(job.event_token)},
+                "select": ["ID"],
+            },
+        )
+        for job in jobs
+    }
 
 
 def _add_deadline(job: Job) -> float:
