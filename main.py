@@ -20,6 +20,8 @@ from config import Settings, get_settings
 from dependencies import AppState
 from repositories.job_journal import SqliteJobJournal
 from repositories.oauth_state_store import SqliteOAuthStateStore
+from repositories.sqlite_db import SqliteDatabase
+from repositories.storage_error import StorageError
 from repositories.token_store import JsonTokenStore, TokenStoreError
 from router import router
 from services import pages
@@ -29,7 +31,7 @@ from services.observability import configure_logging, register_secret, request_i
 from services.processing import ProcessingService
 from services.rate_limit import PortalRateLimiter
 from services.retry import RetryPolicy
-from services.worker import JobWorker
+from services.worker import JOB_RETRY, JobWorker
 
 logger = logging.getLogger(__name__)
 _HTTP_CODES = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}
@@ -57,12 +59,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
     ) as http:
         tokens = JsonTokenStore(settings.token_file)
         await _remember_stored_secrets(tokens)
-        journal = SqliteJobJournal(settings.job_db_file)
-        states = SqliteOAuthStateStore(settings.job_db_file)
+        # One owner of the SQLite file, shared: nothing opens it a second time (see sqlite_db).
+        database = SqliteDatabase(settings.job_db_file)
+        journal = SqliteJobJournal(database)
+        states = SqliteOAuthStateStore(database)
         policy = RetryPolicy()
         limiter = PortalRateLimiter(settings.rate_limit_burst, settings.rate_limit_per_second)
         bitrix = BitrixClient(http, tokens, settings, limiter, policy)
-        worker = JobWorker(journal, bitrix, settings, policy)
+        worker = JobWorker(journal, bitrix, settings, JOB_RETRY)
         service = ProcessingService(settings, tokens, bitrix, journal, states, worker.wake)
         task = asyncio.create_task(worker.run(), name="job-worker")
         try:
@@ -72,7 +76,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
             with suppress(asyncio.CancelledError):
                 await task
             await journal.close()
-            await states.close()
+            database.close()
             logger.info("Shut down")
 
 
@@ -186,6 +190,7 @@ def register_exception_handlers(app: FastAPI) -> None:
         StarletteHTTPException: http_error,
         BitrixError: upstream_error,
         TokenStoreError: storage_error,
+        StorageError: storage_error,
     }
     for exc_class, handler in handlers.items():
         app.add_exception_handler(exc_class, handler)

@@ -220,6 +220,8 @@ class QueueStats(BaseModel):
     done: int = 0
     failed: int = 0
     abandoned: int = 0
+    retrying: int = 0  # pending jobs whose last RETRYING_AFTER attempts or more failed
+    failed_last_day: int = 0  # jobs that failed for good in the last 24 hours
 
 
 class PortalStatus(BaseModel):
@@ -247,7 +249,8 @@ class RobotRun(BaseModel):
 class Health(BaseModel):
     """`GET /health` reply."""
 
-    status: Literal["ok"] = "ok"
+    status: Literal["ok", "degraded", "down"] = "ok"
+    reasons: list[str] = Field(default_factory=list)
     portal_connected: bool
     robot_registered: bool
     missing_settings: list[str]
