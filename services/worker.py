@@ -37,6 +37,9 @@ _LEADER_POLL_SECONDS = 2.0
 _MAX_PASSES = 4  # batches in flight at once; the rate limiter still paces their requests
 # A job's own retries: capped at 5 minutes, for as long as its workflow waits (interface.md).
 JOB_RETRY = RetryPolicy(base_delay=1.0, max_delay=300.0)
+# How long the portal may go on running a request after the app stopped waiting for it (issue #8
+# measured up to 60 s). After such a loss, contacts are looked up only once it must be over.
+PORTAL_REQUEST_SECONDS = 60.0
 
 
 def origin_id(event_token: str) -> str:
@@ -251,9 +254,10 @@ class JobWorker:
         try:
             # Not idempotent: after a lost reply the client does not resend; the job is retried,
             # and the retry first looks its contact up by ORIGIN_ID (`_find_existing`).
+            sent = time.time()
             outcome = await self._bitrix.batch(member_id, commands, idempotent=False)
         except BitrixError as exc:
-            return self._add_failed(jobs, exc, writes)
+            return self._add_failed(jobs, exc, writes, sent)
         ready: list[Job] = []
         for job in jobs:
             error = outcome.errors.get(_key(job))
@@ -265,10 +269,12 @@ class JobWorker:
                 ready.append(writes.to_send(job, 0, _portal_refused(error)))
         return ready
 
-    def _add_failed(self, jobs: list[Job], exc: BitrixError, writes: "_Writes") -> list[Job]:
+    def _add_failed(self, jobs: list[Job], exc: BitrixError, writes: "_Writes", sent: float) -> list[Job]:
         if exc.retryable:
+            # The portal may still be creating the contacts: look them up only after it must be done.
+            wait = sent + PORTAL_REQUEST_SECONDS - time.time() if exc.may_have_run else 0.0
             for job in jobs:
-                writes.retry(job, exc, self._policy)
+                writes.retry(job, exc, self._policy, at_least=wait)
             return []
         message = f"The contact was not created: {exc}. {exc.admin_hint}"
         return [writes.to_send(job, 0, message) for job in jobs]
@@ -324,8 +330,8 @@ class _Writes:
             logger.info("Job %d: contact %d", job.id, contact_id)
         return replace(job, state="send", contact_id=contact_id, error=error)
 
-    def retry(self, job: Job, error: BitrixError, policy: RetryPolicy) -> None:
-        delay = policy.delay(job.attempts, error.retry_after)
+    def retry(self, job: Job, error: BitrixError, policy: RetryPolicy, at_least: float = 0.0) -> None:
+        delay = max(policy.delay(job.attempts, error.retry_after), at_least)
         self.retries.append((job.id, delay, str(error)))
         _set_context(job)
         logger.warning("Job %d: %s; retry in %.1fs", job.id, error, delay)

@@ -204,11 +204,13 @@ class _Failure:
 
 @dataclass
 class _LateReply:
-    """A fault after the work is done: the reply comes `delay` seconds late, or as a 5xx."""
+    """A slow request: the reply comes `delay` seconds late, or as a 5xx; with `slow_work` the
+    work itself happens only after the delay (the portal still runs it when the client gave up)."""
 
     delay: float
     status: int | None
     times: int
+    slow_work: bool = False
 
 
 # What a real portal's robot calls carry in `timeout_duration` (wire doc 6.3 captures 660;
@@ -1324,18 +1326,25 @@ class FakePortal:
             queue.append(_Failure(status, error, description, times))
 
     def reply_late(
-        self, method: str, *, delay: float = 0.0, status: int | None = None, times: int = 1
+        self,
+        method: str,
+        *,
+        delay: float = 0.0,
+        status: int | None = None,
+        times: int = 1,
+        slow_work: bool = False,
     ) -> None:
         """The next `times` requests of `method` run and commit, then the reply is lost.
 
         It comes `delay` seconds late (past the app's HTTP timeout), or as a gateway error
-        `status` (502/504) with no Bitrix envelope. A real portal does this: PHP keeps running
-        after the client or the gateway gave up (the request limit is time-based, see
-        b24restdocs `limits.md`, "operating"), so a lost reply says nothing about the work.
+        `status` (502/504) with no Bitrix envelope. With `slow_work` the request runs (and
+        commits) only after the delay. A real portal does this: PHP keeps running after the
+        client or the gateway gave up (the request limit is time-based, see b24restdocs
+        `limits.md`, "operating"), so a lost reply says nothing about the work.
         """
         with self._state.lock:
             queue = self._state.late_replies.setdefault(_method_name(method), deque())
-            queue.append(_LateReply(delay, status, times))
+            queue.append(_LateReply(delay, status, times, slow_work))
 
     def clear_failures(self) -> None:
         """Forget every pending `fail_next` and `reply_late`: the portal is healthy again."""
@@ -1452,6 +1461,16 @@ class FakePortal:
             with self._state.lock:
                 self._state.stats["held_requests"] -= 1
 
+    async def _stall(self, seconds: float) -> None:
+        """Sleep, counted in `held_requests` so that a test can wait until every request is over."""
+        with self._state.lock:
+            self._state.stats["held_requests"] += 1
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            with self._state.lock:
+                self._state.stats["held_requests"] -= 1
+
     async def _rest(self, request: Request) -> Response:
         await self._wait_while_held()
         method = _method_name(str(request.path_params["method"]))
@@ -1463,6 +1482,10 @@ class FakePortal:
         except PortalError as exc:
             bad_body = exc
         with self._state.lock:
+            late = self._state.take_late_reply(method)
+        if late is not None and late.slow_work:
+            await self._stall(late.delay)
+        with self._state.lock:
             try:
                 if bad_body is not None:
                     raise bad_body
@@ -1472,10 +1495,10 @@ class FakePortal:
             except PortalError as exc:
                 self._state.note_error(method, exc)
                 response = _error_response(exc)
-            late = self._state.take_late_reply(method)
         await self._wait_while_held(self._replies_released)
         if late is not None:
-            await asyncio.sleep(late.delay)
+            if not late.slow_work:
+                await self._stall(late.delay)
             if late.status is not None:  # the gateway's page, not a Bitrix envelope
                 return HTMLResponse("<html><body>Bad Gateway</body></html>", status_code=late.status)
         return response

@@ -85,12 +85,16 @@ async def test_a_portal_slower_than_the_lease_gets_each_job_once(
     assert methods(portal).get("bizproc.event.send") == len(tokens)
 
 
-@pytest.mark.parametrize("fault", ["late", "gateway_502", "then_lookup_fails"])
+@pytest.mark.parametrize("fault", ["late", "gateway_502", "then_lookup_fails", "slow_work"])
 async def test_a_lost_reply_to_contact_adds_never_duplicates_a_contact(
-    short_timeout: httpx.AsyncClient, portal: FakePortal, fault: str
+    short_timeout: httpx.AsyncClient, portal: FakePortal, fault: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The portal's longest request, compressed from a minute to 5 s (the app waits 1 s).
+    monkeypatch.setattr("services.worker.PORTAL_REQUEST_SECONDS", 5.0)
     if fault == "late":  # ran and committed; the reply comes after the app's 1 s timeout
         portal.reply_late("batch", delay=2.0)
+    elif fault == "slow_work":  # the app gives up at 1 s; the portal creates the contacts at 4 s
+        portal.reply_late("batch", delay=4.0, slow_work=True)
     else:  # ran and committed; the gateway answers 502
         portal.reply_late("batch", status=502)
     if fault == "then_lookup_fails":  # and the look-up that follows fails too: still no blind add
@@ -98,6 +102,7 @@ async def test_a_lost_reply_to_contact_adds_never_duplicates_a_contact(
     tokens = await send_calls(short_timeout, portal, 5)
 
     await eventually(lambda: len(portal.answers) == len(tokens), 30, "every answer")
+    await eventually(lambda: portal.stats["held_requests"] == 0, 30, "the slow request's end")
 
     assert_one_contact_each(portal, tokens)
     assert methods(portal).get("crm.contact.add") == len(tokens)
