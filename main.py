@@ -31,6 +31,7 @@ from services.observability import configure_logging, register_secret, request_i
 from services.processing import ProcessingService
 from services.rate_limit import PortalRateLimiter
 from services.retry import RetryPolicy
+from services.robot_registration import RobotRegistration
 from services.worker import JOB_RETRY, JobWorker
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
         limiter = PortalRateLimiter(settings.rate_limit_burst, settings.rate_limit_per_second)
         bitrix = BitrixClient(http, tokens, settings, limiter, policy)
         worker = JobWorker(journal, bitrix, settings, JOB_RETRY)
-        service = ProcessingService(settings, tokens, bitrix, journal, states, worker.wake)
+        robots = RobotRegistration(settings, tokens, bitrix, policy)
+        # At start and every hour, by the one process that leads the job worker.
+        worker.while_leading(robots.keep_registered)
+        service = ProcessingService(settings, tokens, bitrix, journal, states, worker.wake, robots)
         task = asyncio.create_task(worker.run(), name="job-worker")
         try:
             yield AppState(service=service)
@@ -75,6 +79,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
             task.cancel()
             with suppress(asyncio.CancelledError):
                 await task
+            await robots.close()
             await journal.close()
             database.close()
             logger.info("Shut down")

@@ -40,6 +40,8 @@ class NewJob:
     # The call's own token and endpoint: a last way to answer the workflow if ours are dead.
     client_endpoint: str = ""
     call_access_token: str = ""
+    # False when the call said use_subscription=N: the workflow did not wait, so no answer is sent.
+    wants_answer: bool = True
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT NOT NULL DEFAULT '',
     client_endpoint TEXT NOT NULL DEFAULT '',
     call_access_token TEXT NOT NULL DEFAULT '',
+    wants_answer INTEGER NOT NULL DEFAULT 1,
     state TEXT NOT NULL,
     contact_id INTEGER NOT NULL DEFAULT 0,
     attempts INTEGER NOT NULL DEFAULT 0,
@@ -139,8 +142,9 @@ CREATE TABLE IF NOT EXISTS health_probe (id INTEGER PRIMARY KEY CHECK (id = 1), 
 """
 _INSERT = (
     "INSERT INTO jobs (event_token, member_id, workflow_id, document_id, properties, error,"
-    " client_endpoint, call_access_token, state, deadline, next_attempt_at, created_at,"
-    " updated_at) VALUES (?,?,?,?,?,?,?,?,'add',?,?,?,?) ON CONFLICT(event_token) DO NOTHING"
+    " client_endpoint, call_access_token, wants_answer, state, deadline, next_attempt_at,"
+    " created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,'add',?,?,?,?)"
+    " ON CONFLICT(event_token) DO NOTHING"
 )
 Waiter = tuple[NewJob, "asyncio.Future[tuple[int, bool]]"]
 
@@ -151,6 +155,7 @@ class SqliteJobJournal:
     def __init__(self, db: SqliteDatabase) -> None:
         self._db = db
         db.run_now(lambda conn: conn.executescript(_SCHEMA))
+        db.run_now(_add_missing_columns)
         self._queued: list[Waiter] = []
         self._committer: asyncio.Task[None] | None = None
 
@@ -316,6 +321,7 @@ def _insert(conn: sqlite3.Connection, job: NewJob) -> tuple[int, bool]:
         job.error,
         job.client_endpoint,
         job.call_access_token,
+        int(job.wants_answer),
         job.deadline,
         now,
         now,
@@ -350,6 +356,13 @@ def _stats(conn: sqlite3.Connection) -> QueueStats:
     )
 
 
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    """A journal from an older version gains the columns added since."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
+    if "wants_answer" not in columns:
+        conn.execute("ALTER TABLE jobs ADD COLUMN wants_answer INTEGER NOT NULL DEFAULT 1")
+
+
 def _job(row: sqlite3.Row) -> Job:
     return Job(
         id=row["id"],
@@ -361,6 +374,7 @@ def _job(row: sqlite3.Row) -> Job:
         error=row["error"],
         client_endpoint=row["client_endpoint"],
         call_access_token=row["call_access_token"],
+        wants_answer=bool(row["wants_answer"]),
         state=row["state"],
         contact_id=row["contact_id"],
         attempts=row["attempts"],
