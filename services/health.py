@@ -16,12 +16,9 @@ Status = Literal["ok", "degraded", "down"]
 
 
 def portal_usable(record: PortalTokens) -> bool:
-    """Whether the stored tokens can still reach the portal (a refresh token that is not known dead).
-
-    The one place that decides "connected": a portal-level "disconnected" flag (a refresh that
-    failed for good) belongs here as well.
-    """
-    return bool(record.refresh_token)
+    """Whether the stored tokens can still reach the portal: a refresh token not known to be dead
+    (refused for good, past its 180 days: `PortalTokens.works`)."""
+    return bool(record.refresh_token) and record.works
 
 
 @dataclass
@@ -29,7 +26,8 @@ class Observations:
     """What the service saw; `verdict` turns it into a status and reasons."""
 
     journal_error: str | None = None
-    token_store_error: str | None = None
+    token_store_error: str | None = None  # unreadable: robot calls cannot be authenticated
+    tokens_unsaved: list[str] = field(default_factory=list)  # rotated pairs held only in memory
     missing_settings: list[str] = field(default_factory=list)
     portals: int = 0
     usable_portals: int = 0
@@ -46,6 +44,7 @@ def verdict(seen: Observations) -> tuple[Status, list[str]]:
 
 def _unfinishable(seen: Observations) -> list[str]:
     reasons: list[str] = []
+    reasons += seen.tokens_unsaved
     if seen.missing_settings:
         reasons.append(f"Settings missing: {', '.join(seen.missing_settings)}.")
     if not seen.portals:

@@ -21,7 +21,7 @@ from filelock import FileLock, Timeout
 
 from config import Settings
 from repositories.job_journal import Job, JobJournal, JobState
-from services.bitrix_client import BitrixAccessDenied, BitrixClient, BitrixError
+from services.bitrix_client import BitrixAccessDenied, BitrixClient, BitrixError, action_hint
 from services.contact_validation import InvalidContactData, contact_fields
 from services.observability import portal_var, workflow_var
 from services.retry import RetryPolicy
@@ -279,18 +279,16 @@ class JobWorker:
             error = outcome.errors.get(_key(job))
             if error is None:
                 ready.append(writes.to_send(job, int(outcome.results[_key(job)]), ""))
-            elif error.retryable:
-                writes.retry(job, error, self._policy)
+            elif error.retryable:  # a command sent on its own may have lost its reply too
+                writes.retry(job, error, self._policy, at_least=_settled_after(sent, error))
             else:
                 ready.append(writes.to_send(job, 0, _portal_refused(error)))
         return ready
 
     def _add_failed(self, jobs: list[Job], exc: BitrixError, writes: "_Writes", sent: float) -> list[Job]:
         if exc.retryable:
-            # The portal may still be creating the contacts: look them up only after it must be done.
-            wait = sent + PORTAL_REQUEST_SECONDS - time.time() if exc.may_have_run else 0.0
             for job in jobs:
-                writes.retry(job, exc, self._policy, at_least=wait)
+                writes.retry(job, exc, self._policy, at_least=_settled_after(sent, exc))
             return []
         message = f"The contact was not created: {exc}. {exc.admin_hint}"
         return [writes.to_send(job, 0, message) for job in jobs]
@@ -347,7 +345,10 @@ class _Writes:
         return replace(job, state="send", contact_id=contact_id, error=error)
 
     def retry(self, job: Job, error: BitrixError, policy: RetryPolicy, at_least: float = 0.0) -> None:
-        delay = max(policy.delay(job.attempts, error.retry_after), at_least)
+        delay = policy.delay(job.attempts, error.retry_after)
+        if error.resume_at is not None:  # e.g. a method blocked until the portal resets its time limit
+            delay = max(0.0, error.resume_at - time.time())
+        delay = max(delay, at_least)
         self.retries.append((job.id, delay, str(error)))
         _set_context(job)
         logger.warning("Job %d: %s; retry in %.1fs", job.id, error, delay)
@@ -401,6 +402,14 @@ def _key(job: Job) -> str:
     return f"job{job.id}"
 
 
+def _settled_after(sent: float, error: BitrixError) -> float:
+    """Seconds until a request sent at `sent` that may have run must be over on the portal.
+
+    Looking its contacts up earlier could miss one the portal is still creating.
+    """
+    return max(0.0, sent + PORTAL_REQUEST_SECONDS - time.time()) if error.may_have_run else 0.0
+
+
 def _lookup_commands(jobs: Sequence[Job]) -> dict[str, tuple[str, dict[str, Any]]]:
     return {
         _key(job): (
@@ -434,4 +443,4 @@ def _answer_params(job: Job) -> dict[str, Any]:
 
 def _portal_refused(error: BitrixError) -> str:
     detail = getattr(error, "description", "") or str(error)
-    return f"The portal refused to create the contact: {detail}"
+    return f"The portal refused to create the contact: {detail}{action_hint(error)}"
