@@ -282,6 +282,7 @@ class SqliteJobJournal:
                 contact_id=row["contact_id"],
                 error=row["error"],
                 created_at=row["created_at"],
+                document_id=row["document_id"],
             )
             for row in rows
         ]
@@ -345,6 +346,9 @@ def _stats(conn: sqlite3.Connection) -> QueueStats:
     failed_last_day = conn.execute(
         "SELECT COUNT(*) FROM jobs WHERE state = 'failed' AND updated_at > ?", (now - _DAY,)
     ).fetchone()[0]
+    with_error = conn.execute(
+        "SELECT COUNT(*) FROM jobs WHERE state = 'done' AND (error != '' OR contact_id = 0)"
+    ).fetchone()[0]
     return QueueStats(
         pending=counts.get("add", 0) + counts.get("send", 0),
         oldest_pending_age_seconds=round(now - oldest, 3) if oldest else None,
@@ -353,6 +357,7 @@ def _stats(conn: sqlite3.Connection) -> QueueStats:
         abandoned=counts.get("abandoned", 0),
         retrying=retrying,
         failed_last_day=failed_last_day,
+        answered_with_error=with_error,
     )
 
 

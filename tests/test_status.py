@@ -1,7 +1,9 @@
 """/health and the status page."""
 
+import asyncio
 import os
 import stat
+import time
 from pathlib import Path
 
 import httpx
@@ -34,7 +36,11 @@ async def test_health_and_status_page_after_a_robot_run(
     await answer_for(portal, token)
     query, frame = portal.iframe_install()
 
-    health = (await installed.get("/health")).json()
+    # The portal has the answer a moment before the journal records it.
+    deadline = time.monotonic() + 10
+    while (health := (await installed.get("/health")).json())["queue"]["done"] < 1:
+        assert time.monotonic() < deadline, "the journal never recorded the answer"
+        await asyncio.sleep(0.02)
     page = await post_form(installed, f"/app?{query}", frame)
 
     assert health["portal_connected"] is True
