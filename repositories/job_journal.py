@@ -68,13 +68,8 @@ class JobJournal(Protocol):
         """Up to `limit` due jobs whose lease has ended, leased to the caller for `lease_seconds`."""
         ...
 
-    async def reclaim_all(self) -> int:
-        """Make every claimed job claimable at once; returns how many were claimed.
-
-        Called by a worker that has just become the only worker (it holds the leader lock): every
-        lease it finds belongs to a worker that is gone, so its jobs resume now, not when the
-        lease runs out.
-        """
+    async def reclaim_leases(self) -> int:
+        """End every lease (the worker that held them is gone: it lost leadership); how many."""
         ...
 
     async def due_count(self, limit: int) -> int:
@@ -201,10 +196,11 @@ class SqliteJobJournal:
         )
         return sorted((_job(row) for row in rows), key=lambda job: job.id)
 
-    async def reclaim_all(self) -> int:
+    async def reclaim_leases(self) -> int:
         def reclaim(conn: sqlite3.Connection) -> int:
             cursor = conn.execute(
-                "UPDATE jobs SET lease_until = 0 WHERE lease_until > 0 AND state IN ('add', 'send')"
+                "UPDATE jobs SET lease_until = 0 WHERE state IN ('add', 'send') AND lease_until > ?",
+                (time.time(),),
             )
             return cursor.rowcount
 

@@ -10,9 +10,10 @@ under the running app, and every commit written to it afterwards is gone. (SQLit
 connections in one process are safe: its unix VFS shares one lock record per file and defers
 closing descriptors while locks are held, see "How To Corrupt An SQLite Database File", 2.2.)
 
-Therefore: `SqliteDatabase` is made once in the lifespan and shared by the job journal and the
-OAuth state store; it creates the file with mode 0600 *before* its connection exists; and a second
-instance for the same file in one process is refused instead of silently breaking the locks.
+Therefore: `open_database` gives one `SqliteDatabase` per file and process, shared by the job
+journal and the OAuth state store (and by a second back end on the same file, as tests make); it
+creates the file with mode 0600 *before* its connection exists; and constructing a second instance
+for an open file is refused instead of silently breaking the locks.
 """
 
 import asyncio
@@ -32,6 +33,22 @@ T = TypeVar("T")
 SYNCHRONOUS = "FULL"
 _OPEN: set[Path] = set()
 _OPEN_LOCK = threading.Lock()
+_SHARED: dict[Path, tuple["SqliteDatabase", int]] = {}
+
+
+def open_database(path: Path) -> "SqliteDatabase":
+    """The process's one `SqliteDatabase` for `path`, opened on first use; `close()` each one."""
+    key = path.resolve()
+    with _OPEN_LOCK:
+        shared = _SHARED.get(key)
+        if shared is not None:
+            _SHARED[key] = (shared[0], shared[1] + 1)
+            return shared[0]
+    database = SqliteDatabase(path)
+    with _OPEN_LOCK:
+        _SHARED[key] = (database, 1)
+    database.shared = True
+    return database
 
 
 class SqliteDatabase:
@@ -39,6 +56,7 @@ class SqliteDatabase:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.shared = False
         self._key = path.resolve()
         with _OPEN_LOCK:
             if self._key in _OPEN:
@@ -79,6 +97,13 @@ class SqliteDatabase:
         return StorageError(f"The job journal {self.path} cannot be used: {cause}.")
 
     def close(self) -> None:
+        if self.shared:
+            with _OPEN_LOCK:
+                database, users = _SHARED[self._key]
+                if users > 1:
+                    _SHARED[self._key] = (database, users - 1)
+                    return
+                del _SHARED[self._key]
         with self._lock:
             try:
                 self._conn.close()

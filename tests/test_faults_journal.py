@@ -10,7 +10,7 @@ import pytest
 
 from repositories.job_journal import NewJob, SqliteJobJournal
 from repositories.oauth_state_store import SqliteOAuthStateStore
-from repositories.sqlite_db import SqliteDatabase
+from repositories.sqlite_db import SqliteDatabase, open_database
 
 pytestmark = pytest.mark.anyio
 
@@ -59,6 +59,18 @@ async def test_a_second_owner_of_the_same_file_is_refused(database: SqliteDataba
         SqliteDatabase(database.path)
 
 
+async def test_opening_an_open_file_again_shares_it(tmp_path: Path) -> None:
+    first = open_database(tmp_path / "jobs.sqlite3")
+    second = open_database(tmp_path / "jobs.sqlite3")
+    assert second is first
+    second.close()
+    assert first.run_now(lambda conn: conn.execute("SELECT 1").fetchone()[0]) == 1  # still open
+    first.close()
+    third = open_database(tmp_path / "jobs.sqlite3")
+    assert third is not first
+    third.close()
+
+
 async def test_journal_and_oauth_states_share_the_one_database(database: SqliteDatabase) -> None:
     journal = SqliteJobJournal(database)
     states = SqliteOAuthStateStore(database)
@@ -79,6 +91,6 @@ async def test_a_new_leader_reclaims_every_lease_at_once(database: SqliteDatabas
     assert len(await journal.claim(10, lease_seconds=3600)) == 3
     assert await journal.claim(10, lease_seconds=3600) == []
 
-    assert await journal.reclaim_all() == 3
+    assert await journal.reclaim_leases() == 3
 
     assert len(await journal.claim(10, lease_seconds=3600)) == 3
