@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     phone_default_region: str = "RU"
     rate_limit_burst: int = Field(default=50, ge=1)
     rate_limit_per_second: float = Field(default=2.0, gt=0)
-    job_retry_budget_seconds: float = Field(default=600.0, gt=0)
+    job_max_age_seconds: float = Field(default=604800.0, gt=0)
     job_lease_seconds: float = Field(default=60.0, gt=0)
     batch_linger_seconds: float = Field(default=0.05, ge=0)
     http_timeout_seconds: float = Field(default=30.0, gt=0)

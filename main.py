@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from config import Settings, get_settings
 from dependencies import AppState
+from repositories.storage_error import StorageError
 from repositories.token_store import TokenKeyMismatch, TokenStore, TokenStoreError
 from router import router
 from services import metrics, pages
@@ -41,7 +42,7 @@ from services.rate_limit import PortalRateLimiter
 from services.retry import RetryPolicy
 from services.robot_registration import RobotRegistration
 from services.token_upkeep import TokenUpkeep
-from services.worker import JobWorker
+from services.worker import JOB_RETRY, JobWorker
 
 logger = logging.getLogger(__name__)
 _HTTP_CODES = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}
@@ -79,7 +80,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
         limiter = PortalRateLimiter(settings.rate_limit_burst, settings.rate_limit_per_second)
         bitrix = BitrixClient(http, tokens, settings, limiter, policy)
         languages = PortalLanguages(tokens, settings.default_language)
-        worker = JobWorker(journal, bitrix, settings, policy, backend.leadership, language_of=languages.of)
+        worker = JobWorker(journal, bitrix, settings, JOB_RETRY, backend.leadership, language_of=languages.of)
         robots = RobotRegistration(settings, tokens, bitrix, policy)
         # At start and every hour, by the one process that leads the job worker.
         worker.while_leading(robots.keep_registered)
@@ -245,6 +246,7 @@ def register_exception_handlers(app: FastAPI) -> None:
         StarletteHTTPException: http_error,
         BitrixError: upstream_error,
         TokenStoreError: storage_error,
+        StorageError: storage_error,
         psycopg.Error: database_error,
     }
     for exc_class, handler in handlers.items():

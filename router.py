@@ -142,7 +142,9 @@ async def update(event: UpdateDep, service: ProcessingServiceDep) -> dict[str, s
     return {"status": "updated", "robot": done.robot}
 
 
-@router.get("/health")
-async def health(service: ProcessingServiceDep) -> Health:
-    """Liveness, whether a portal is connected, and the queue."""
-    return await service.health()
+@router.get("/health", response_model=Health, responses={503: {"model": Health}})
+async def health(service: ProcessingServiceDep) -> JSONResponse:
+    """ "ok", "degraded" (200) or "down" (503, robot calls cannot be accepted), with the reasons."""
+    report = await service.health()
+    status_code = 503 if report.status == "down" else 200
+    return JSONResponse(report.model_dump(mode="json"), status_code=status_code)

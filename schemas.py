@@ -210,6 +210,8 @@ class QueueStats(BaseModel):
     done: int = 0
     failed: int = 0
     abandoned: int = 0
+    retrying: int = 0  # pending jobs whose last RETRYING_AFTER attempts or more failed
+    failed_last_day: int = 0  # jobs that failed for good in the last 24 hours
     # Of `done`: answered with `contact_id` 0 and a reason (bad data, or the portal refused).
     answered_with_error: int = 0
 
@@ -269,7 +271,8 @@ class ClusterStatus(BaseModel):
 class Health(BaseModel):
     """`GET /health` reply."""
 
-    status: Literal["ok"] = "ok"
+    status: Literal["ok", "degraded", "down"] = "ok"
+    reasons: list[str] = Field(default_factory=list)
     portal_connected: bool
     robot_registered: bool
     missing_settings: list[str]

@@ -159,6 +159,7 @@ async def components(settings: Settings, bodies: list[str], workdir: Path) -> li
     from starlette.concurrency import run_in_threadpool
 
     from repositories.job_journal import NewJob, SqliteJobJournal
+    from repositories.sqlite_db import SqliteDatabase
     from repositories.token_store import JsonTokenStore
     from schemas import RobotAck, RobotCall, parse_php_form
     from services.contact_validation import contact_fields
@@ -170,7 +171,8 @@ async def components(settings: Settings, bodies: list[str], workdir: Path) -> li
     store = JsonTokenStore(settings.token_file)
     record = await store.get(calls[0].auth.member_id)
     assert record is not None
-    journal = SqliteJobJournal(workdir / "components.sqlite3")
+    database = SqliteDatabase(workdir / "components.sqlite3")
+    journal = SqliteJobJournal(database)
     logger = logging.getLogger("bench.components")
     names = {field.name for field in dataclasses.fields(NewJob)}
 
@@ -219,6 +221,7 @@ async def components(settings: Settings, bodies: list[str], workdir: Path) -> li
                 results.append((f"{label}: failed ({type(exc).__name__}: {exc})"[:100], math.nan))
     finally:
         await journal.close()
+        database.close()
     return results
 
 

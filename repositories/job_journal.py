@@ -1,27 +1,29 @@
 """The durable job journal: every robot call the app has acknowledged, until its workflow is answered.
 
 A job moves `add` (create the contact) → `send` (answer the workflow) → `done`; or ends `abandoned`
-(the workflow is gone) or `failed` (the retry budget ran out). `SqliteJobJournal` is the embedded
-default: the standard library's sqlite3 in WAL mode, so a `kill -9` loses no committed job, and
-several worker processes can share the file. Workers claim jobs with a lease; a job whose lease
-expired (its worker died) is claimed again.
+(the workflow is gone) or `failed` (its workflow stopped waiting). `SqliteJobJournal` is the
+embedded default: SQLite in WAL mode with `synchronous=FULL` (an acknowledged call survives a
+power cut), on the `SqliteDatabase` it shares with the OAuth state store. Inserts are group
+committed: the calls that arrive while one commit is on its way to disk share the next one.
+The worker claims jobs with a lease (claiming again renews it); a new leader reclaims every
+lease at once, since their holder is gone.
 """
 
 import asyncio
 import json
-import os
 import sqlite3
-import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from repositories.sqlite_db import SqliteDatabase, transaction
 from schemas import QueueStats, RobotRun
 
 JobState = Literal["add", "send", "done", "failed", "abandoned"]
 TERMINAL: tuple[JobState, ...] = ("done", "failed", "abandoned")
+RETRYING_AFTER = 3  # failed attempts in a row after which a pending job counts as failing
+_DAY = 86400.0
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,7 @@ class NewJob:
     member_id: str
     workflow_id: str
     document_id: str
-    deadline: float
+    deadline: float  # until when the workflow waits for the answer (unix time)
     properties: dict[str, Any]  # the robot's inputs as the portal sent them
     error: str = ""
     # The call's own token and endpoint: a last way to answer the workflow if ours are dead.
@@ -53,11 +55,18 @@ class Job(NewJob):
 
 
 class JobJournal(Protocol):
+    """Every method raises `StorageError` (503 `storage_error`) when its storage fails."""
+
     async def add(self, job: NewJob) -> tuple[int, bool]:
-        """Store a job; returns (id, created). A known `event_token` is not stored twice."""
+        """Store a job durably (on disk when this returns); returns (id, created).
+
+        A known `event_token` is not stored twice. The robot call is acknowledged after this.
+        """
         ...
 
-    async def claim(self, limit: int, lease_seconds: float) -> list[Job]: ...
+    async def claim(self, limit: int, lease_seconds: float) -> list[Job]:
+        """Up to `limit` due jobs whose lease has ended, leased to the caller for `lease_seconds`."""
+        ...
 
     async def reclaim_leases(self) -> int:
         """End every lease (the worker that held them is gone: it lost leadership); how many."""
@@ -86,6 +95,13 @@ class JobJournal(Protocol):
         ...
 
     async def next_due(self) -> float | None: ...
+
+    async def check(self) -> str | None:
+        """Prove the storage takes a durable write now: None if it does, else why not.
+
+        The reason is a sentence naming the storage and the cause; `/health` reports "down" with it.
+        """
+        ...
 
     async def stats(self) -> QueueStats: ...
 
@@ -117,102 +133,78 @@ CREATE TABLE IF NOT EXISTS jobs (
     updated_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_due ON jobs (state, next_attempt_at);
+CREATE TABLE IF NOT EXISTS health_probe (id INTEGER PRIMARY KEY CHECK (id = 1), at REAL NOT NULL);
 """
+_INSERT = (
+    "INSERT INTO jobs (event_token, member_id, workflow_id, document_id, properties, error,"
+    " client_endpoint, call_access_token, wants_answer, state, deadline, next_attempt_at,"
+    " created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,'add',?,?,?,?)"
+    " ON CONFLICT(event_token) DO NOTHING"
+)
+Waiter = tuple[NewJob, "asyncio.Future[tuple[int, bool]]"]
 
 
 class SqliteJobJournal:
-    """`JobJournal` on an embedded SQLite file."""
+    """`JobJournal` on the shared SQLite file."""
 
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        create_private(path)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.row_factory = sqlite3.Row
-        self._lock = threading.Lock()
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            # NORMAL in WAL mode: a committed job survives the process dying (kill -9); only a
-            # power cut may take the last commits, a trade the acknowledgement rate needs.
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
-            _add_missing_columns(self._db)
-        # A second connection that never waits for SQLite's write lock, for the inline insert.
-        self._fast = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=0)
-        self._fast.execute("PRAGMA synchronous=NORMAL")
+    def __init__(self, db: SqliteDatabase) -> None:
+        self._db = db
+        db.run_now(lambda conn: conn.executescript(_SCHEMA))
+        db.run_now(_add_missing_columns)
+        self._queued: list[Waiter] = []
+        self._committer: asyncio.Task[None] | None = None
 
     async def add(self, job: NewJob) -> tuple[int, bool]:
-        # Every robot call waits for this insert before its 200. In WAL mode with synchronous=NORMAL
-        # it takes microseconds, less than a hop to a thread, so it runs right here; only when the
-        # write lock is taken (a thread of ours, another worker process) does it wait in a thread.
-        if self._lock.acquire(blocking=False):
-            try:
-                return self._insert(self._fast, job)
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) and "busy" not in str(exc):
-                    raise
-            finally:
-                self._lock.release()
-        return await asyncio.to_thread(self._add, job)
+        # Group commit: with synchronous=FULL every commit waits for the disk, so the calls that
+        # arrive while one commit is in flight are inserted together in the next, one fsync for all.
+        waiter: asyncio.Future[tuple[int, bool]] = asyncio.get_running_loop().create_future()
+        self._queued.append((job, waiter))
+        if self._committer is None:
+            self._committer = asyncio.create_task(self._commit_queued())
+        return await waiter
 
-    def _add(self, job: NewJob) -> tuple[int, bool]:
-        with self._lock:
-            return self._insert(self._db, job)
+    async def _commit_queued(self) -> None:
+        try:
+            while self._queued:
+                group, self._queued = self._queued, []
+                await self._commit_group(group)
+        finally:
+            self._committer = None
 
-    @staticmethod
-    def _insert(db: sqlite3.Connection, job: NewJob) -> tuple[int, bool]:
-        now = time.time()
-        row = (
-            job.event_token,
-            job.member_id,
-            job.workflow_id,
-            job.document_id,
-            json.dumps(job.properties, ensure_ascii=False),
-            job.error,
-            job.client_endpoint,
-            job.call_access_token,
-            int(job.wants_answer),
-            "add",
-            job.deadline,
-            now,
-            now,
-            now,
-        )
-        cursor = db.execute(
-            "INSERT INTO jobs (event_token, member_id, workflow_id, document_id, properties, error,"
-            " client_endpoint, call_access_token, wants_answer, state, deadline, next_attempt_at,"
-            " created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
-            " ON CONFLICT(event_token) DO NOTHING",
-            row,
-        )
-        if cursor.rowcount:
-            return int(cursor.lastrowid or 0), True
-        found = db.execute("SELECT id FROM jobs WHERE event_token = ?", (job.event_token,)).fetchone()
-        return int(found[0]), False
+    async def _commit_group(self, group: list[Waiter]) -> None:
+        insert_all = _inserter([job for job, _ in group])
+        try:
+            outcomes = await self._db.run(lambda conn: transaction(conn, insert_all))
+        except Exception as exc:  # StorageError, or a bug: every waiter hears of it
+            for _, waiter in group:
+                if not waiter.done():
+                    waiter.set_exception(exc)
+            return
+        for (_, waiter), outcome in zip(group, outcomes, strict=True):
+            if not waiter.done():  # a caller that went away still has its job stored
+                waiter.set_result(outcome)
 
     async def claim(self, limit: int, lease_seconds: float) -> list[Job]:
-        return await asyncio.to_thread(self._claim, limit, lease_seconds)
-
-    def _claim(self, limit: int, lease_seconds: float) -> list[Job]:
         now = time.time()
-        with self._lock:
-            rows = self._db.execute(
+        rows = await self._db.run(
+            lambda conn: conn.execute(
                 "UPDATE jobs SET lease_until = ? WHERE id IN (SELECT id FROM jobs WHERE state IN"
                 " ('add', 'send') AND next_attempt_at <= ? AND lease_until <= ? ORDER BY id LIMIT ?)"
                 " RETURNING *",
                 (now + lease_seconds, now, now, limit),
             ).fetchall()
+        )
         return sorted((_job(row) for row in rows), key=lambda job: job.id)
 
     async def reclaim_leases(self) -> int:
-        return await asyncio.to_thread(self._reclaim_leases)
-
-    def _reclaim_leases(self) -> int:
-        with self._lock:
-            cursor = self._db.execute(
+        def reclaim(conn: sqlite3.Connection) -> int:
+            cursor = conn.execute(
                 "UPDATE jobs SET lease_until = 0 WHERE state IN ('add', 'send') AND lease_until > ?",
                 (time.time(),),
             )
             return cursor.rowcount
+
+        return await self._db.run(reclaim)
 
     async def due_count(self, limit: int) -> int:
         now = time.time()
@@ -260,30 +252,22 @@ class SqliteJobJournal:
         )
         return float(row["due"]) if row and row["due"] is not None else None
 
-    async def stats(self) -> QueueStats:
-        return await asyncio.to_thread(self._stats)
+    async def check(self) -> str | None:
+        def probe(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT OR REPLACE INTO health_probe (id, at) VALUES (1, ?)", (time.time(),))
 
-    def _stats(self) -> QueueStats:
-        with self._lock:
-            counts = dict(self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
-            oldest = self._db.execute(
-                "SELECT MIN(created_at) FROM jobs WHERE state IN ('add', 'send')"
-            ).fetchone()[0]
-            with_error = self._db.execute(
-                "SELECT COUNT(*) FROM jobs WHERE state = 'done' AND (error != '' OR contact_id = 0)"
-            ).fetchone()[0]
-        return QueueStats(
-            pending=counts.get("add", 0) + counts.get("send", 0),
-            oldest_pending_age_seconds=round(time.time() - oldest, 3) if oldest else None,
-            done=counts.get("done", 0),
-            failed=counts.get("failed", 0),
-            abandoned=counts.get("abandoned", 0),
-            answered_with_error=with_error,
-        )
+        try:
+            await self._db.run(lambda conn: transaction(conn, probe))
+        except Exception as exc:  # StorageError names the file; anything else is as bad
+            return str(exc)
+        return None
+
+    async def stats(self) -> QueueStats:
+        return await self._db.run(_stats)
 
     async def recent(self, limit: int) -> list[RobotRun]:
-        rows = await asyncio.to_thread(
-            self._fetchall, "SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,)
+        rows = await self._db.run(
+            lambda conn: conn.execute("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
         )
         return [
             RobotRun(
@@ -300,46 +284,84 @@ class SqliteJobJournal:
         ]
 
     async def close(self) -> None:
-        with self._lock:
-            self._fast.close()
-            self._db.close()
+        """Let the inserts on their way finish; the shared database is closed by its owner."""
+        if self._committer is not None:
+            await asyncio.gather(self._committer, return_exceptions=True)
 
     async def _execute_many(self, sql: str, ids: Sequence[int]) -> None:
         now = time.time()
         await self._write_many(sql, [(now, job_id) for job_id in ids])
 
     async def _write_many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
-        await asyncio.to_thread(self._run_many, sql, rows)
-
-    def _run_many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
-        with self._lock:
-            self._db.execute("BEGIN")
-            self._db.executemany(sql, rows)
-            self._db.execute("COMMIT")
-
-    def _fetchall(self, sql: str, params: tuple[Any, ...]) -> list[sqlite3.Row]:
-        with self._lock:
-            return self._db.execute(sql, params).fetchall()
+        await self._db.run(lambda conn: transaction(conn, lambda c: c.executemany(sql, rows)))
 
     async def _fetchone(self, sql: str, params: tuple[Any, ...]) -> sqlite3.Row | None:
-        rows = await asyncio.to_thread(self._fetchall, sql, params)
+        rows = await self._db.run(lambda conn: conn.execute(sql, params).fetchall())
         return rows[0] if rows else None
 
 
-def create_private(path: Path) -> None:
-    """Create the database file readable by its owner only: it holds event and access tokens.
+def _inserter(jobs: list[NewJob]) -> Callable[[sqlite3.Connection], list[tuple[int, bool]]]:
+    def insert_all(conn: sqlite3.Connection) -> list[tuple[int, bool]]:
+        return [_insert(conn, job) for job in jobs]
 
-    SQLite gives its -wal and -shm files the same permissions.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    return insert_all
 
 
-def _add_missing_columns(db: sqlite3.Connection) -> None:
+def _insert(conn: sqlite3.Connection, job: NewJob) -> tuple[int, bool]:
+    now = time.time()
+    row = (
+        job.event_token,
+        job.member_id,
+        job.workflow_id,
+        job.document_id,
+        json.dumps(job.properties, ensure_ascii=False),
+        job.error,
+        job.client_endpoint,
+        job.call_access_token,
+        int(job.wants_answer),
+        job.deadline,
+        now,
+        now,
+        now,
+    )
+    cursor = conn.execute(_INSERT, row)
+    if cursor.rowcount:
+        return int(cursor.lastrowid or 0), True
+    found = conn.execute("SELECT id FROM jobs WHERE event_token = ?", (job.event_token,)).fetchone()
+    return int(found[0]), False
+
+
+def _stats(conn: sqlite3.Connection) -> QueueStats:
+    now = time.time()
+    counts = dict(conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
+    oldest, retrying = conn.execute(
+        "SELECT MIN(created_at), COUNT(CASE WHEN attempts >= ? THEN 1 END) FROM jobs"
+        " WHERE state IN ('add', 'send')",
+        (RETRYING_AFTER,),
+    ).fetchone()
+    failed_last_day = conn.execute(
+        "SELECT COUNT(*) FROM jobs WHERE state = 'failed' AND updated_at > ?", (now - _DAY,)
+    ).fetchone()[0]
+    with_error = conn.execute(
+        "SELECT COUNT(*) FROM jobs WHERE state = 'done' AND (error != '' OR contact_id = 0)"
+    ).fetchone()[0]
+    return QueueStats(
+        pending=counts.get("add", 0) + counts.get("send", 0),
+        oldest_pending_age_seconds=round(now - oldest, 3) if oldest else None,
+        done=counts.get("done", 0),
+        failed=counts.get("failed", 0),
+        abandoned=counts.get("abandoned", 0),
+        retrying=retrying,
+        failed_last_day=failed_last_day,
+        answered_with_error=with_error,
+    )
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
     """A journal from an older version gains the columns added since."""
-    columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
     if "wants_answer" not in columns:
-        db.execute("ALTER TABLE jobs ADD COLUMN wants_answer INTEGER NOT NULL DEFAULT 1")
+        conn.execute("ALTER TABLE jobs ADD COLUMN wants_answer INTEGER NOT NULL DEFAULT 1")
 
 
 def _job(row: sqlite3.Row) -> Job:

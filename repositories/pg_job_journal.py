@@ -128,6 +128,15 @@ class PostgresJobJournal:
         due = rows[0]["due"]
         return float(due) if due is not None else None
 
+    async def check(self) -> str | None:
+        # A round trip only (no schema change in this merge): a database that is down or
+        # unreachable says "down"; a full disk shows up as 503s on the calls themselves.
+        try:
+            await self._fetch("SELECT 1 AS ok", ())
+        except Exception as exc:
+            return f"The PostgreSQL job journal cannot be used: {exc}"
+        return None
+
     async def stats(self) -> QueueStats:
         rows = await self._fetch("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state", ())
         counts = {row["state"]: int(row["n"]) for row in rows}

@@ -23,6 +23,7 @@ from repositories.pg_job_journal import PostgresJobJournal
 from repositories.pg_oauth_state_store import PostgresOAuthStateStore
 from repositories.pg_token_store import PostgresTokenStore
 from repositories.postgres import Heartbeat, migrate, new_instance_id, open_pool
+from repositories.sqlite_db import open_database
 from repositories.token_cipher import TokenCipher
 from repositories.token_store import JsonTokenStore, TokenStore
 from schemas import ClusterStatus, InstanceSeen
@@ -75,15 +76,19 @@ async def open_backend(settings: Settings) -> AsyncIterator[Backend]:
 
 @asynccontextmanager
 async def _embedded(settings: Settings, cipher: TokenCipher) -> AsyncIterator[Backend]:
-    journal = SqliteJobJournal(settings.job_db_file)
-    states = SqliteOAuthStateStore(settings.job_db_file)
-    leadership = FileLeadership(Path(f"{settings.job_db_file}.worker.lock"))
-    tokens = JsonTokenStore(settings.token_file, cipher)
+    # One owner of the SQLite file, shared: nothing opens it a second time (see sqlite_db).
+    database = open_database(settings.job_db_file)
+    journal: SqliteJobJournal | None = None
     try:
+        journal = SqliteJobJournal(database)
+        states = SqliteOAuthStateStore(database)
+        leadership = FileLeadership(Path(f"{settings.job_db_file}.worker.lock"))
+        tokens = JsonTokenStore(settings.token_file, cipher)
         yield Backend("embedded", new_instance_id(), tokens, journal, states, leadership)
     finally:
-        await journal.close()
-        await states.close()
+        if journal is not None:
+            await journal.close()
+        database.close()
 
 
 @asynccontextmanager

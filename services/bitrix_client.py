@@ -66,6 +66,9 @@ class BitrixError(Exception):
     """Base of every failure talking to Bitrix24."""
 
     retryable = False
+    # Whether the portal may have run the request although the app got no answer (a read timeout,
+    # a 5xx): a non-idempotent request must then not be sent again blindly.
+    may_have_run = False
     admin_hint = "Check the portal and the app's log."
 
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
@@ -77,6 +80,10 @@ class BitrixError(Exception):
 class BitrixTransportError(BitrixError):
     retryable = True
     admin_hint = "The portal could not be reached; check the network between the app and Bitrix24."
+
+    def __init__(self, message: str, *, may_have_run: bool = True) -> None:
+        super().__init__(message)
+        self.may_have_run = may_have_run
 
 
 class BitrixApiError(BitrixError):
@@ -180,6 +187,7 @@ class PortalMoved(BitrixError):
 
 class BitrixServerError(BitrixApiError):
     retryable = True
+    may_have_run = True
     admin_hint = "The portal answered with a server error; the app retried and gave up."
 
 
@@ -330,11 +338,19 @@ class BitrixClient:
         self._sleep = sleep
         self.limits = limits or MethodLimits()
 
-    async def call(self, member_id: str, method: str, params: Mapping[str, Any] | None = None) -> Any:
+    async def call(
+        self,
+        member_id: str,
+        method: str,
+        params: Mapping[str, Any] | None = None,
+        *,
+        idempotent: bool = True,
+    ) -> Any:
         """Call `method` on an installed portal with its stored token.
 
         Refreshes the token first when it is about to expire, and once more (then replays the
-        call once) when the portal says `expired_token`.
+        call once) when the portal says `expired_token`. A call that is not `idempotent` is
+        retried only after failures that prove it did not run (connection refused, rate limit).
 
         Raises:
             PortalNotConnected: no tokens are stored for `member_id`.
@@ -344,10 +360,10 @@ class BitrixClient:
         """
         record = await self._usable_record(member_id)
         try:
-            return await self._call_with_retry(record, method, params or {})
+            return await self._call_with_retry(record, method, params or {}, idempotent)
         except BitrixTokenExpired:
             record = await self._refresh(member_id, stale_token=record.access_token)
-            return await self._call_with_retry(record, method, params or {})
+            return await self._call_with_retry(record, method, params or {}, idempotent)
         except BitrixAuthError as exc:
             # Revoked: the pair no longer works, and the portal's next robot call may replace it.
             async with self._tokens.refresh_lock(member_id):
@@ -404,7 +420,7 @@ class BitrixClient:
         grant = {"grant_type": "refresh_token", "refresh_token": refresh_token}
         return await self._token_request(grant, token_endpoint(self._settings, server_endpoint))
 
-    async def batch(self, member_id: str, commands: Commands) -> BatchResult:
+    async def batch(self, member_id: str, commands: Commands, *, idempotent: bool = True) -> BatchResult:
         """Run up to 50 commands in one request; each command succeeds or fails on its own.
 
         A command whose method is blocked by the portal's time limit is not sent (its error is a
@@ -412,21 +428,21 @@ class BitrixClient:
         see `services.batch_refs`) is sent on its own request.
 
         Raises:
-            BitrixError: the batch request itself failed (as for `call`).
+            BitrixError: the batch request itself failed (as for `call`, `idempotent` included).
         """
         outcome = BatchResult()
         alone = {key: c for key, c in commands.items() if has_batch_reference(c[1])}
         together = self._admit(member_id, {k: c for k, c in commands.items() if k not in alone}, outcome)
         try:
             if together:
-                await self._batch_request(member_id, together, outcome)
+                await self._batch_request(member_id, together, outcome, idempotent)
         except BitrixMethodLimited:
             alone.update(together)  # `batch` itself is blocked: send its commands one by one
         finally:
             for method in {method for method, _ in together.values()}:
                 self.limits.settle(member_id, method)
         for key, (method, params) in alone.items():
-            await self._call_alone(member_id, key, method, params, outcome)
+            await self._call_alone(member_id, key, method, params, outcome, idempotent)
         return outcome
 
     def _admit(self, member_id: str, commands: Commands, outcome: BatchResult) -> dict[str, Any]:
@@ -444,9 +460,11 @@ class BitrixClient:
                 outcome.errors[key] = _limited(method, blocked.until)
         return admitted
 
-    async def _batch_request(self, member_id: str, commands: Commands, outcome: BatchResult) -> None:
+    async def _batch_request(
+        self, member_id: str, commands: Commands, outcome: BatchResult, idempotent: bool
+    ) -> None:
         cmd = {key: f"{method}?{php_query(params)}" for key, (method, params) in commands.items()}
-        reply = await self.call(member_id, "batch", {"halt": 0, "cmd": cmd})
+        reply = await self.call(member_id, "batch", {"halt": 0, "cmd": cmd}, idempotent=idempotent)
         methods = {key: method for key, (method, _) in commands.items()}
         _batch_result(reply, methods, outcome)
         self._observe_batch(member_id, reply, methods, outcome)
@@ -464,10 +482,16 @@ class BitrixClient:
                 self.limits.observe(member_id, method, times.get(key) if isinstance(times, dict) else None)
 
     async def _call_alone(
-        self, member_id: str, key: str, method: str, params: Mapping[str, Any], outcome: BatchResult
+        self,
+        member_id: str,
+        key: str,
+        method: str,
+        params: Mapping[str, Any],
+        outcome: BatchResult,
+        idempotent: bool = True,
     ) -> None:
         try:
-            outcome.results[key] = await self.call(member_id, method, params)
+            outcome.results[key] = await self.call(member_id, method, params, idempotent=idempotent)
         except (PortalNotConnected, OAuthError):
             raise  # as the whole batch would: nothing can be sent for this portal
         except BitrixError as exc:
@@ -583,14 +607,19 @@ class BitrixClient:
             raise BitrixTransportError(f"OAuth server {url} unreachable: {type(exc).__name__}") from exc
         return _token_reply(response)
 
-    async def _call_with_retry(self, record: PortalTokens, method: str, params: Mapping[str, Any]) -> Any:
+    async def _call_with_retry(
+        self, record: PortalTokens, method: str, params: Mapping[str, Any], idempotent: bool = True
+    ) -> Any:
         attempt = 0
         while True:
             try:
                 return await self._send(record, method, params)
             except BitrixError as exc:
-                # An error with a resume time is for the job worker to reschedule, not to hammer now.
+                # An error with a resume time is for the job worker to reschedule, not to hammer now;
+                # a request that may have run is not sent again if running it twice does harm.
                 if exc.resume_at is not None or not self._policy.should_retry(exc, attempt):
+                    raise
+                if exc.may_have_run and not idempotent:
                     raise
                 delay = self._policy.delay(attempt, exc.retry_after)
                 logger.warning("%s failed (%s); retry %d in %.1fs", method, exc, attempt + 1, delay)
@@ -636,7 +665,11 @@ class BitrixClient:
             response = await self._http.post(url, json=body, follow_redirects=False)
         except httpx.HTTPError as exc:
             metrics.observe_rest(method, None, time.perf_counter() - started)
-            raise BitrixTransportError(f"{method}: {type(exc).__name__} talking to {url}") from exc
+            # Only a connection never made proves the request did not run; a read timeout does not.
+            unsent = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
+            raise BitrixTransportError(
+                f"{method}: {type(exc).__name__} talking to {url}", may_have_run=not unsent
+            ) from exc
         metrics.observe_rest(method, response.status_code, time.perf_counter() - started)
         elapsed = (time.perf_counter() - started) * 1000
         logger.info("REST %s -> %d in %.0f ms", url, response.status_code, elapsed)
@@ -721,7 +754,9 @@ def _batch_result(reply: Any, methods: Mapping[str, str], outcome: BatchResult) 
         if isinstance(errors, dict) and key in errors:
             item = errors[key] if isinstance(errors[key], dict) else {}
             code, text = str(item.get("error") or ""), str(item.get("error_description") or "")
-            outcome.errors[key] = api_error(400, code, text, method)
+            error = api_error(400, code, text, method)
+            error.may_have_run = False  # the portal ran the command and reports how it failed
+            outcome.errors[key] = error
         elif isinstance(results, dict) and key in results:
             outcome.results[key] = results[key]
         else:

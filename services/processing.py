@@ -49,6 +49,7 @@ from services.errors import (
     UpstreamUnavailable,
 )
 from services.handler_check import handler_warnings
+from services.health import Observations, portal_usable, verdict
 from services.install_guard import PROOF_TIMEOUT_SECONDS, ProofGate
 from services.observability import portal_var, register_secret, workflow_var
 from services.portal_moves import move_advice
@@ -356,15 +357,16 @@ class ProcessingService:
         return healed
 
     def _new_job(self, call: RobotCall, record: PortalTokens) -> NewJob:
-        budget = self._settings.job_retry_budget_seconds
-        if call.timeout_duration:
-            budget = min(budget, float(call.timeout_duration))
+        # The job keeps trying for as long as its workflow waits: `timeout_duration` seconds, or,
+        # when it is 0 or absent (no limit), JOB_MAX_AGE_SECONDS (interface.md, "How long a job
+        # keeps trying").
+        waits = float(call.timeout_duration or self._settings.job_max_age_seconds)
         return NewJob(
             event_token=call.event_token,
             member_id=record.member_id,
             workflow_id=call.workflow_id,
             document_id="/".join(call.document_id),
-            deadline=time.time() + budget,
+            deadline=time.time() + waits,
             properties=call.properties,
             client_endpoint=record.client_endpoint,
             call_access_token=call.auth.access_token or "",
@@ -383,15 +385,28 @@ class ProcessingService:
         logger.info("App uninstalled from portal %s: its tokens are deleted", record.domain)
 
     async def health(self) -> Health:
-        """Whether a portal is connected, the robot registered, and how the queue stands."""
+        """ "ok", "degraded" or "down" with the reasons; the portals, the robot, the queue."""
         portals, store_error = await self._portal_statuses()
         unsaved = [p.tokens_unsaved for p in portals if p.tokens_unsaved]
-        return Health(
-            portal_connected=any(p.connected for p in portals),
-            robot_registered=any(p.robot_registered for p in portals),
+        seen = Observations(
+            journal_error=await self._journal.check(),
+            token_store_error=store_error,
+            tokens_unsaved=unsaved,
             missing_settings=self._settings.missing(),
+            portals=len(portals),
+            usable_portals=sum(p.connected for p in portals),
+        )
+        if seen.journal_error is None:
+            seen.queue = await self._journal.stats()
+        status, reasons = verdict(seen)
+        return Health(
+            status=status,
+            reasons=reasons,
+            portal_connected=seen.usable_portals > 0,
+            robot_registered=any(p.robot_registered for p in portals),
+            missing_settings=seen.missing_settings,
             token_store_error=store_error or (unsaved[0] if unsaved else None),
-            queue=await self._journal.stats(),
+            queue=seen.queue,
             cluster=await self._cluster() if self._cluster else None,
         )
 
@@ -494,7 +509,7 @@ def _portal_status(record: PortalTokens, unsaved: str | None) -> PortalStatus:
         member_id=record.member_id,
         domain=record.domain,
         token_valid_for_seconds=max(0, int(record.expires_at - time.time())),
-        can_refresh=bool(record.refresh_token) and record.works,
+        can_refresh=portal_usable(record),
         robot_registered=record.robot_registered_at is not None,
         connected=record.works,
         disconnected_reason=reason,

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 from config import Settings
 from repositories.job_journal import Job, JobJournal, JobState
 from services import messages, metrics
-from services.bitrix_client import BatchResult, BitrixAccessDenied, BitrixClient, BitrixError, action_hint
+from services.bitrix_client import BitrixAccessDenied, BitrixClient, BitrixError, action_hint
 from services.contact_validation import InvalidContactData, contact_fields
 from services.leadership import FileLeadership, Leadership
 from services.messages import Lang
@@ -35,6 +35,11 @@ _ADD_SHARE = 0.75  # of a job's budget spent creating the contact; the rest is f
 # Calls accepted by another worker process cannot wake this one: poll the journal this often.
 _IDLE_SECONDS = 0.5
 _MAX_PASSES = 4  # batches in flight at once; the rate limiter still paces their requests
+# A job's own retries: capped at 5 minutes, for as long as its workflow waits (interface.md).
+JOB_RETRY = RetryPolicy(base_delay=1.0, max_delay=300.0)
+# How long the portal may go on running a request after the app stopped waiting for it (issue #8
+# measured up to 60 s). After such a loss, contacts are looked up only once it must be over.
+PORTAL_REQUEST_SECONDS = 60.0
 
 
 def origin_id(event_token: str) -> str:
@@ -64,6 +69,7 @@ class JobWorker:
         )
         self._wakeup = asyncio.Event()
         self._last_due = -1  # jobs due at the previous look, to tell a growing batch from a stalled one
+        self._in_flight: set[int] = set()  # ids of the jobs the running passes work on
         self._leader_jobs: list[Callable[[], Coroutine[Any, Any, None]]] = []
 
     def wake(self) -> None:
@@ -126,12 +132,18 @@ class JobWorker:
         """
         if running and not await self._batch_worth_starting():
             return False
-        jobs = await self._journal.claim(BATCH_LIMIT, self._settings.job_lease_seconds)
+        claimed = await self._journal.claim(BATCH_LIMIT, self._settings.job_lease_seconds)
+        # A job whose lease ran out while a pass works on it (a portal slower than the lease, a
+        # wall-clock jump) is claimed again, which renews its lease, but never worked on twice.
+        jobs = [job for job in claimed if job.id not in self._in_flight]
         if not jobs:
             return False
+        ids = {job.id for job in jobs}
+        self._in_flight |= ids
         task = asyncio.create_task(self._pass(jobs))
         running.add(task)
         task.add_done_callback(running.discard)
+        task.add_done_callback(lambda _: self._in_flight.difference_update(ids))
         return True
 
     async def _batch_worth_starting(self) -> bool:
@@ -190,8 +202,8 @@ class JobWorker:
         """Create the contacts; returns the jobs that are now ready to answer."""
         ready, fields = self._triage(jobs, writes)
         live = [job for job in jobs if job.id in fields]
-        found = await self._find_existing(member_id, [job for job in live if job.add_attempted])
-        ready += [writes.to_send(job, found[job.id], "") for job in live if job.id in found]
+        found = await self._find_existing(member_id, [job for job in live if job.add_attempted], writes)
+        ready += [writes.to_send(job, found[job.id], "") for job in live if found.get(job.id)]
         fresh = [job for job in live if job.id not in found]
         if fresh:
             ready += await self._add_contacts(member_id, fresh, fields, writes)
@@ -212,24 +224,28 @@ class JobWorker:
                 ready.append(writes.to_send(job, 0, exc.message(writes.lang)))
         return ready, fields
 
-    async def _find_existing(self, member_id: str, jobs: Sequence[Job]) -> dict[int, int]:
-        """Contacts made by an earlier attempt that died before it could record their ids."""
+    async def _find_existing(self, member_id: str, jobs: Sequence[Job], writes: "_Writes") -> dict[int, int]:
+        """Contacts made by an earlier attempt whose outcome is unknown (a crash, a lost reply).
+
+        Job id → contact id; 0 for a job whose look-up failed: it is retried, never added blindly.
+        """
         if not jobs:
             return {}
-        commands = {
-            _key(job): (
-                "crm.contact.list",
-                {
-                    "filter": {"ORIGINATOR_ID": ORIGINATOR_ID, "ORIGIN_ID": origin_id(job.event_token)},
-                    "select": ["ID"],
-                },
-            )
-            for job in jobs
-        }
-        outcome = await self._batch_or_none(member_id, commands)
+        try:
+            outcome = await self._bitrix.batch(member_id, _lookup_commands(jobs))
+        except BitrixError as exc:
+            logger.warning("Looking up earlier contacts failed (%s); the jobs will be retried", exc)
+            for job in jobs:
+                writes.retry(job, exc, self._policy)
+            return dict.fromkeys((job.id for job in jobs), 0)
         found: dict[int, int] = {}
         for job in jobs:
-            items = outcome.results.get(_key(job)) if outcome else None
+            error = outcome.errors.get(_key(job))
+            if error is not None:
+                writes.retry(job, error, self._policy)
+                found[job.id] = 0
+                continue
+            items = outcome.results.get(_key(job))
             if isinstance(items, list) and items and isinstance(items[0], dict):
                 found[job.id] = int(items[0]["ID"])
                 _set_context(job)
@@ -243,24 +259,27 @@ class JobWorker:
         await self._journal.mark_add_attempted([job.id for job in jobs])
         commands = {_key(job): ("crm.contact.add", _add_params(job, fields[job.id])) for job in jobs}
         try:
-            outcome = await self._bitrix.batch(member_id, commands)
+            # Not idempotent: after a lost reply the client does not resend; the job is retried,
+            # and the retry first looks its contact up by ORIGIN_ID (`_find_existing`).
+            sent = time.time()
+            outcome = await self._bitrix.batch(member_id, commands, idempotent=False)
         except BitrixError as exc:
-            return self._add_failed(jobs, exc, writes)
+            return self._add_failed(jobs, exc, writes, sent)
         ready: list[Job] = []
         for job in jobs:
             error = outcome.errors.get(_key(job))
             if error is None:
                 ready.append(writes.to_send(job, int(outcome.results[_key(job)]), ""))
-            elif error.retryable:
-                writes.retry(job, error, self._policy)
+            elif error.retryable:  # a command sent on its own may have lost its reply too
+                writes.retry(job, error, self._policy, at_least=_settled_after(sent, error))
             else:
                 ready.append(writes.to_send(job, 0, _portal_refused(error, writes.lang)))
         return ready
 
-    def _add_failed(self, jobs: list[Job], exc: BitrixError, writes: "_Writes") -> list[Job]:
+    def _add_failed(self, jobs: list[Job], exc: BitrixError, writes: "_Writes", sent: float) -> list[Job]:
         if exc.retryable:
             for job in jobs:
-                writes.retry(job, exc, self._policy)
+                writes.retry(job, exc, self._policy, at_least=_settled_after(sent, exc))
             return []
         message = messages.text(writes.lang, "not_created", detail=exc, hint=messages.hint(writes.lang, exc))
         return [writes.to_send(job, 0, message) for job in jobs]
@@ -298,15 +317,6 @@ class JobWorker:
             return exc
         return None
 
-    async def _batch_or_none(
-        self, member_id: str, commands: dict[str, tuple[str, dict[str, Any]]]
-    ) -> BatchResult | None:
-        try:
-            return await self._bitrix.batch(member_id, commands)
-        except BitrixError as exc:
-            logger.warning("Looking up earlier contacts failed (%s); the jobs will be retried", exc)
-            return None
-
 
 @dataclass
 class _Writes:
@@ -326,10 +336,11 @@ class _Writes:
             logger.info("Job %d: contact %d", job.id, contact_id)
         return replace(job, state="send", contact_id=contact_id, error=error)
 
-    def retry(self, job: Job, error: BitrixError, policy: RetryPolicy) -> None:
+    def retry(self, job: Job, error: BitrixError, policy: RetryPolicy, at_least: float = 0.0) -> None:
         delay = policy.delay(job.attempts, error.retry_after)
         if error.resume_at is not None:  # e.g. a method blocked until the portal resets its time limit
             delay = max(0.0, error.resume_at - time.time())
+        delay = max(delay, at_least)
         self.retries.append((job.id, delay, str(error)))
         _set_context(job)
         logger.warning("Job %d: %s; retry in %.1fs", job.id, error, delay)
@@ -385,6 +396,27 @@ def _set_context(job: Job) -> None:
 
 def _key(job: Job) -> str:
     return f"job{job.id}"
+
+
+def _settled_after(sent: float, error: BitrixError) -> float:
+    """Seconds until a request sent at `sent` that may have run must be over on the portal.
+
+    Looking its contacts up earlier could miss one the portal is still creating.
+    """
+    return max(0.0, sent + PORTAL_REQUEST_SECONDS - time.time()) if error.may_have_run else 0.0
+
+
+def _lookup_commands(jobs: Sequence[Job]) -> dict[str, tuple[str, dict[str, Any]]]:
+    return {
+        _key(job): (
+            "crm.contact.list",
+            {
+                "filter": {"ORIGINATOR_ID": ORIGINATOR_ID, "ORIGIN_ID": origin_id(job.event_token)},
+                "select": ["ID"],
+            },
+        )
+        for job in jobs
+    }
 
 
 def _add_deadline(job: Job) -> float:

@@ -256,6 +256,24 @@ class _Failure:
 
 
 @dataclass
+class _LateReply:
+    """A slow request: the reply comes `delay` seconds late, or as a 5xx; with `slow_work` the
+    work itself happens only after the delay (the portal still runs it when the client gave up)."""
+
+    delay: float
+    status: int | None
+    times: int
+    slow_work: bool = False
+
+
+# What a real portal's robot calls carry in `timeout_duration` (wire doc 6.3 captures 660;
+# interface.md "How long a job keeps trying": 0 or absent means the workflow waits without limit).
+# Calls cycle through them unless a test asks for one.
+TIMEOUT_DURATIONS: tuple[int | None, ...] = (0, None, 660, 86400)
+VARIED = -1  # robot_call_body's default: the next of TIMEOUT_DURATIONS
+
+
+@dataclass
 class _ListResult:
     """A list-method answer: the envelope also carries ``total`` and ``next`` (wire doc 3.3)."""
 
@@ -342,6 +360,8 @@ class _State:
         self.robots: dict[str, dict[str, Any]] = {}
         self.events: list[dict[str, Any]] = []
         self.failures: dict[str, deque[_Failure]] = {}
+        self.late_replies: dict[str, deque[_LateReply]] = {}
+        self.timeouts = 0  # robot calls made, to cycle through TIMEOUT_DURATIONS
         self.stats = _new_stats()
         self.recent_errors: deque[str] = deque(maxlen=20)
         self.bucket = _LeakyBucket(config.rate_burst, config.rate_drain)
@@ -435,6 +455,16 @@ class _State:
         if rule.times <= 0:
             queue.popleft()
         return PortalError(rule.status, rule.error, rule.description)
+
+    def take_late_reply(self, method: str) -> _LateReply | None:
+        queue = self.late_replies.get(method)
+        if not queue:
+            return None
+        rule = queue[0]
+        rule.times -= 1
+        if rule.times <= 0:
+            queue.popleft()
+        return rule
 
     def count_method(self, method: str) -> None:
         per_method: dict[str, int] = self.stats["per_method"]
@@ -1397,7 +1427,7 @@ class FakePortal:
         *,
         code: str = "create_contact",
         document_id: tuple[str, str, str] = ("crm", "CCrmDocumentDeal", "DEAL_4521"),
-        timeout_duration: int | None = 660,
+        timeout_duration: int | None = VARIED,
         event_token: str | None = None,
         application_token: str | None = None,
         use_subscription: str | None = None,
@@ -1409,7 +1439,13 @@ class FakePortal:
         is the robot's "wait for the answer" switch as the workflow's author set it in the
         designer (restactivity.php: the `UseSubscription` property, defaulting to the robot's
         USE_SUBSCRIPTION); with "N" the workflow goes on at once and waits for nothing.
+        ``timeout_duration`` None leaves the field out; by default calls cycle through
+        ``TIMEOUT_DURATIONS``.
         """
+        if timeout_duration == VARIED:
+            with self._state.lock:
+                timeout_duration = TIMEOUT_DURATIONS[self._state.timeouts % len(TIMEOUT_DURATIONS)]
+                self._state.timeouts += 1
         workflow_id = event_token.split("|", 1)[0] if event_token else _new_workflow_id()
         token = event_token or _new_event_token(workflow_id)
         user_id, waits = self._robot_user(code)
@@ -1521,6 +1557,33 @@ class FakePortal:
         with self._state.lock:
             queue = self._state.failures.setdefault(name, deque())
             queue.append(_Failure(status, error, description, times))
+
+    def reply_late(
+        self,
+        method: str,
+        *,
+        delay: float = 0.0,
+        status: int | None = None,
+        times: int = 1,
+        slow_work: bool = False,
+    ) -> None:
+        """The next `times` requests of `method` run and commit, then the reply is lost.
+
+        It comes `delay` seconds late (past the app's HTTP timeout), or as a gateway error
+        `status` (502/504) with no Bitrix envelope. With `slow_work` the request runs (and
+        commits) only after the delay. A real portal does this: PHP keeps running after the
+        client or the gateway gave up (the request limit is time-based, see b24restdocs
+        `limits.md`, "operating"), so a lost reply says nothing about the work.
+        """
+        with self._state.lock:
+            queue = self._state.late_replies.setdefault(_method_name(method), deque())
+            queue.append(_LateReply(delay, status, times, slow_work))
+
+    def clear_failures(self) -> None:
+        """Forget every pending `fail_next` and `reply_late`: the portal is healthy again."""
+        with self._state.lock:
+            self._state.failures.clear()
+            self._state.late_replies.clear()
 
     def hold(self, *, replies: bool = False) -> None:
         """Stall REST requests before they run; with `replies`, after they ran but before the reply.
@@ -1664,6 +1727,16 @@ class FakePortal:
             with self._state.lock:
                 self._state.stats["held_requests"] -= 1
 
+    async def _stall(self, seconds: float) -> None:
+        """Sleep, counted in `held_requests` so that a test can wait until every request is over."""
+        with self._state.lock:
+            self._state.stats["held_requests"] += 1
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            with self._state.lock:
+                self._state.stats["held_requests"] -= 1
+
     def _moved_away(self, request: Request) -> Response | None:
         """A renamed portal's old host redirects every REST call to the new one (change-domen.md)."""
         with self._state.lock:
@@ -1694,6 +1767,10 @@ class FakePortal:
         while await self._method_held(method):
             await asyncio.sleep(0.01)
         with self._state.lock:
+            late = self._state.take_late_reply(method)
+        if late is not None and late.slow_work:
+            await self._stall(late.delay)
+        with self._state.lock:
             try:
                 if bad_body is not None:
                     raise bad_body
@@ -1706,6 +1783,11 @@ class FakePortal:
                 self._state.note_error(method, exc)
                 response = _error_response(exc)
         await self._wait_while_held(self._replies_released)
+        if late is not None:
+            if not late.slow_work:
+                await self._stall(late.delay)
+            if late.status is not None:  # the gateway's page, not a Bitrix envelope
+                return HTMLResponse("<html><body>Bad Gateway</body></html>", status_code=late.status)
         return response
 
     @staticmethod

@@ -23,7 +23,7 @@ async def test_health_before_install(client: httpx.AsyncClient) -> None:
 
     assert response.status_code == 200
     body = response.json()
-    assert body["status"] == "ok"
+    assert body["status"] == "degraded"
     assert body["portal_connected"] is False
     assert body["missing_settings"] == []
 

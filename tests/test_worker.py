@@ -30,8 +30,10 @@ async def test_transient_failures_are_retried_until_the_contact_is_made(
     assert len(portal.contacts) == 1
 
 
-async def test_spent_budget_answers_the_workflow_with_the_error(tmp_path: Path, portal: FakePortal) -> None:
-    settings = make_settings(tmp_path, portal, job_retry_budget_seconds=2.0)
+async def test_a_job_past_max_age_answers_the_workflow_with_the_error(
+    tmp_path: Path, portal: FakePortal
+) -> None:
+    settings = make_settings(tmp_path, portal, job_max_age_seconds=2.0)
     app = create_app()
     app.dependency_overrides[get_settings] = lambda: settings
     portal.fail_next("crm.contact.add", 503, "QUERY_LIMIT_EXCEEDED", "Too many requests", times=1000)
@@ -39,7 +41,7 @@ async def test_spent_budget_answers_the_workflow_with_the_error(tmp_path: Path, 
         transport = httpx.ASGITransport(app=manager.app)
         async with httpx.AsyncClient(transport=transport, base_url=APP_URL) as client:
             await post_form(client, "/install", portal.install_event_body())
-            token, body = portal.robot_call_body(GOOD)
+            token, body = portal.robot_call_body(GOOD, timeout_duration=0)  # waits without limit
             await post_form(client, "/robot", body)
             answer = await answer_for(portal, token, timeout=15)
 
@@ -48,7 +50,9 @@ async def test_spent_budget_answers_the_workflow_with_the_error(tmp_path: Path, 
     assert portal.contacts == []
 
 
-async def test_timeout_duration_caps_the_budget(installed: httpx.AsyncClient, portal: FakePortal) -> None:
+async def test_timeout_duration_limits_how_long_a_job_tries(
+    installed: httpx.AsyncClient, portal: FakePortal
+) -> None:
     portal.fail_next("crm.contact.add", 503, "QUERY_LIMIT_EXCEEDED", "Too many requests", times=1000)
     token, body = portal.robot_call_body(GOOD, timeout_duration=2)
 
