@@ -48,6 +48,8 @@ class Job(NewJob):
     attempts: int = 0
     add_attempted: bool = False
     created_at: float = field(default_factory=time.time)
+    # Set when `contact_id` is an existing contact that was found: the workflow log line.
+    found_note: str = ""
 
 
 class JobJournal(Protocol):
@@ -73,6 +75,11 @@ class JobJournal(Protocol):
 
     async def retry_later(self, updates: Sequence[tuple[int, float, str]]) -> None:
         """(job id, delay in seconds, error): try the current step again after the delay."""
+        ...
+
+    async def note_found(self, updates: Sequence[tuple[int, str]]) -> None:
+        """(job id, note): the contact about to be recorded was found, not created. Written before
+        `to_send`, so a job in `send` never lacks it."""
         ...
 
     async def finish(self, updates: Sequence[tuple[int, JobState, str]]) -> None:
@@ -107,7 +114,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     next_attempt_at REAL NOT NULL,
     lease_until REAL NOT NULL DEFAULT 0,
     created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    found_note TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS jobs_due ON jobs (state, next_attempt_at);
 """
@@ -128,6 +136,9 @@ class SqliteJobJournal:
             # power cut may take the last commits, a trade the acknowledgement rate needs.
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+            if "found_note" not in columns:  # a journal from before find-or-create
+                _add_column(self._db, "found_note TEXT NOT NULL DEFAULT ''")
         # A second connection that never waits for SQLite's write lock, for the inline insert.
         self._fast = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=0)
         self._fast.execute("PRAGMA synchronous=NORMAL")
@@ -224,6 +235,13 @@ class SqliteJobJournal:
             [(now + delay, now, error, job_id) for job_id, delay, error in updates],
         )
 
+    async def note_found(self, updates: Sequence[tuple[int, str]]) -> None:
+        now = time.time()
+        await self._write_many(
+            "UPDATE jobs SET found_note = ?, updated_at = ? WHERE id = ?",
+            [(note, now, job_id) for job_id, note in updates],
+        )
+
     async def finish(self, updates: Sequence[tuple[int, JobState, str]]) -> None:
         now = time.time()
         await self._write_many(
@@ -300,6 +318,14 @@ class SqliteJobJournal:
         return rows[0] if rows else None
 
 
+def _add_column(db: sqlite3.Connection, definition: str) -> None:
+    try:
+        db.execute(f"ALTER TABLE jobs ADD COLUMN {definition}")
+    except sqlite3.OperationalError as exc:
+        if "duplicate column" not in str(exc):  # another process added it a moment ago
+            raise
+
+
 def create_private(path: Path) -> None:
     """Create the database file readable by its owner only: it holds event and access tokens.
 
@@ -326,4 +352,5 @@ def _job(row: sqlite3.Row) -> Job:
         add_attempted=bool(row["add_attempted"]),
         deadline=row["deadline"],
         created_at=row["created_at"],
+        found_note=row["found_note"],
     )

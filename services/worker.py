@@ -21,8 +21,10 @@ from filelock import FileLock, Timeout
 
 from config import Settings
 from repositories.job_journal import Job, JobJournal, JobState
+from services import find_or_create
 from services.bitrix_client import BatchResult, BitrixAccessDenied, BitrixClient, BitrixError
-from services.contact_validation import InvalidContactData, contact_fields
+from services.contact_matching import Decision, Wanted, read_mode, request_fields
+from services.contact_validation import InvalidContactData
 from services.observability import portal_var, workflow_var
 from services.retry import RetryPolicy
 
@@ -174,8 +176,24 @@ class JobWorker:
         ready += [writes.to_send(job, found[job.id], "") for job in live if job.id in found]
         fresh = [job for job in live if job.id not in found]
         if fresh:
-            ready += await self._add_contacts(member_id, fresh, fields, writes)
+            ready += await self._find_or_add(member_id, fresh, fields, writes)
         return ready
+
+    async def _find_or_add(
+        self, member_id: str, jobs: list[Job], fields: dict[int, dict[str, Any]], writes: "_Writes"
+    ) -> list[Job]:
+        """Find-or-create (services/contact_matching.py decides); then create what is left."""
+        wanted = [Wanted(job.id, read_mode(job.properties), fields[job.id]) for job in jobs]
+        region = self._settings.phone_default_region
+        plan = await find_or_create.plan(self._bitrix, member_id, wanted, region)
+        decided = {job.id: plan.decisions[job.id] for job in jobs if job.id in plan.decisions}
+        if plan.error is not None:
+            self._search_failed([job for job in jobs if job.id not in decided], plan.error, writes)
+        ready = await self._take_found(member_id, jobs, decided, writes)
+        creating = [job for job in jobs if job.id in decided and decided[job.id].action == "create"]
+        if creating:
+            ready += await self._add_contacts(member_id, creating, fields, writes)
+        return ready + self._take_in_pass(jobs, decided, writes)
 
     def _triage(self, jobs: list[Job], writes: "_Writes") -> tuple[list[Job], dict[int, dict[str, Any]]]:
         """CRM fields for the jobs that can still make a contact; the others go straight to the answer."""
@@ -189,7 +207,7 @@ class JobWorker:
                 ready.append(writes.to_send(job, 0, reason))
                 continue
             try:
-                fields[job.id] = contact_fields(job.properties, self._settings.phone_default_region)
+                fields[job.id] = request_fields(job.properties, self._settings.phone_default_region)
             except InvalidContactData as exc:
                 ready.append(writes.to_send(job, 0, str(exc)))
         return ready, fields
@@ -237,6 +255,48 @@ class JobWorker:
                 writes.retry(job, error, self._policy)
             else:
                 ready.append(writes.to_send(job, 0, _portal_refused(error)))
+        return ready
+
+    def _search_failed(self, jobs: list[Job], exc: BitrixError, writes: "_Writes") -> None:
+        for job in jobs:
+            if exc.retryable:
+                writes.retry(job, exc, self._policy)
+            else:
+                writes.to_send(job, 0, f"Existing contacts could not be searched: {exc}. {exc.admin_hint}")
+
+    async def _take_found(
+        self, member_id: str, jobs: list[Job], decided: dict[int, Decision], writes: "_Writes"
+    ) -> list[Job]:
+        """Jobs answered with a contact the portal already had (`update` mode fills it first)."""
+        found = [job for job in jobs if job.id in decided and decided[job.id].action == "found"]
+        found = [job for job in found if not decided[job.id].creator]
+        filling = [decided[job.id] for job in found if decided[job.id].fill]
+        failures = await find_or_create.fill(self._bitrix, member_id, filling)
+        ready: list[Job] = []
+        for job in found:
+            decision, error = decided[job.id], failures.get(job.id)
+            note = decision.note(decision.contact_id)
+            if error is not None and error.retryable:
+                writes.retry(job, error, self._policy)
+                continue
+            if error is not None:
+                note = f"{note.split('; filled in:')[0]}; its empty fields were not filled: {error}"
+            ready.append(writes.found(job, decision.contact_id, note))
+        return ready
+
+    def _take_in_pass(self, jobs: list[Job], decided: dict[int, Decision], writes: "_Writes") -> list[Job]:
+        """Jobs whose contact an earlier job of this pass created; `later` ones look again next pass."""
+        created = {job_id: contact_id for job_id, contact_id, _ in writes.sends if contact_id}
+        ready: list[Job] = []
+        for job in jobs:
+            decision = decided.get(job.id)
+            if decision is None or not decision.creator:
+                continue
+            contact_id = created.get(decision.creator, 0)
+            if decision.action == "found" and contact_id:
+                ready.append(writes.found(job, contact_id, decision.note(contact_id)))
+            else:  # its creator failed, or `update` mode: the next pass finds it in the portal
+                writes.retry(job, BitrixError("the same person's contact is being created"), self._policy)
         return ready
 
     def _add_failed(self, jobs: list[Job], exc: BitrixError, writes: "_Writes") -> list[Job]:
@@ -295,17 +355,28 @@ class _Writes:
     """One pass's journal updates: decided per job, written in one transaction per kind."""
 
     sends: list[tuple[int, int, str]] = field(default_factory=list)
+    notes: list[tuple[int, str]] = field(default_factory=list)
     retries: list[tuple[int, float, str]] = field(default_factory=list)
     finished: list[tuple[int, JobState, str]] = field(default_factory=list)
 
     def to_send(self, job: Job, contact_id: int, error: str) -> Job:
+        if job.found_note:  # decided "found" in an earlier, interrupted pass; created now
+            self.notes.append((job.id, ""))
         self.sends.append((job.id, contact_id, error))
         _set_context(job)
         if error:
             logger.warning("Job %d: no contact: %s", job.id, error)
         else:
             logger.info("Job %d: contact %d", job.id, contact_id)
-        return replace(job, state="send", contact_id=contact_id, error=error)
+        return replace(job, state="send", contact_id=contact_id, error=error, found_note="")
+
+    def found(self, job: Job, contact_id: int, note: str) -> Job:
+        """An existing contact is the answer; the note goes to the journal before the id."""
+        self.notes.append((job.id, note))
+        _set_context(job)
+        logger.info("Job %d: %s", job.id, note)
+        self.sends.append((job.id, contact_id, ""))
+        return replace(job, state="send", contact_id=contact_id, error="", found_note=note)
 
     def retry(self, job: Job, error: BitrixError, policy: RetryPolicy) -> None:
         delay = policy.delay(job.attempts, error.retry_after)
@@ -331,8 +402,10 @@ class _Writes:
             )
 
     async def flush(self, journal: JobJournal) -> None:
-        sends, retries, finished = self.sends, self.retries, self.finished
-        self.sends, self.retries, self.finished = [], [], []
+        sends, retries, finished, notes = self.sends, self.retries, self.finished, self.notes
+        self.sends, self.retries, self.finished, self.notes = [], [], [], []
+        if notes:
+            await journal.note_found(notes)
         if sends:
             await journal.to_send(sends)
         if retries:
@@ -360,10 +433,11 @@ def _add_params(job: Job, fields: dict[str, Any]) -> dict[str, Any]:
 
 
 def _answer_params(job: Job) -> dict[str, Any]:
-    log = job.error or f"Contact {job.contact_id} created"
+    log = job.error or job.found_note or f"Contact {job.contact_id} created"
+    duplicate = "Y" if job.found_note and not job.error else "N"
     return {
         "event_token": job.event_token,
-        "return_values": {"contact_id": job.contact_id, "error": job.error},
+        "return_values": {"contact_id": job.contact_id, "error": job.error, "duplicate": duplicate},
         "log_message": log,
     }
 
