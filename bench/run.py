@@ -10,6 +10,7 @@ mean little. Scenarios (`--only NAME`, repeatable):
             naive baseline (one REST request per command) measured in the same run;
 * growth  - 100, 1,000 and 10,000 queued calls: time per call and peak RSS of the app;
 * profile - where the acknowledgement time goes (pyinstrument; skipped when not installed).
+* modes   - the burst in each find-or-create mode (`duplicates` input; see bench/modes.py).
 
 The fake portal, the app, the bare app, the load generator and the naive client each run in their
 own process, on 127.0.0.1 only. Results: printed, and written to bench/results/latest.{md,json}.
@@ -49,6 +50,7 @@ PROJECT = Path(__file__).resolve().parent.parent
 if str(PROJECT) not in sys.path:  # `python bench/run.py` puts only bench/ on the path
     sys.path.insert(0, str(PROJECT))
 
+from bench import modes  # noqa: E402
 from config import Settings  # noqa: E402
 from tests.fake_portal import FakePortalConfig  # noqa: E402
 
@@ -746,6 +748,7 @@ SCENARIOS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "burst": scenario_burst,
     "growth": scenario_growth,
     "profile": scenario_profile,
+    "modes": modes.scenario_modes,
 }
 
 
@@ -906,6 +909,7 @@ ROWS: dict[str, Callable[[dict[str, Any]], list[tuple[str, str, str, str, str]]]
     "burst": _burst_rows,
     "growth": _growth_rows,
     "profile": _profile_rows,
+    "modes": modes.rows,
 }
 
 
@@ -947,6 +951,9 @@ NOTES = (
     "round), medians reported; time per call = elapsed / calls with 32 concurrent clients (the "
     "inverse of the rate); peak RSS = VmHWM of the uvicorn process (Linux).",
     "profile: in-process (ASGI transport), so the HTTP server is not in it; see the profile section.",
+    "modes: as burst, once per `duplicates` mode, without the naive client; floor = max(arrival, bucket "
+    "time for k·⌈N/50⌉ requests), k = 2 for create (add, answer) and 3 for reuse/update (search, "
+    "add or read, answer). 'found' runs call again for the people of the create run.",
 )
 
 

@@ -742,17 +742,15 @@ def _find_by_comm(call: _Call) -> Any:
     entity = str(call.param("entity_type") or "").upper()
     if entity == "DEAL":
         raise PortalError(400, "Deal is not supported in current context.", "")
-    codes = list(dict.fromkeys(_comm_key(kind, v) for v in values if isinstance(v, str) and v))
-    ids: list[int] = []
-    for code in codes[:20]:
-        hits = [int(c["ID"]) for c in call.state.contacts if _has_code(c, kind, code)][:20]
-        ids += [i for i in hits if i not in ids]
+    codes = list(dict.fromkeys(_comm_key(kind, v) for v in values if isinstance(v, str) and v))[:20]
+    hits: dict[str, list[int]] = {code: [] for code in codes if code}
+    for contact in call.state.contacts:  # one scan: the portal reads an index of match codes
+        for code in {_comm_key(kind, v) for v in _field_values(contact, kind) if v} & hits.keys():
+            if len(hits[code]) < 20:
+                hits[code].append(int(contact["ID"]))
+    ids = list(dict.fromkeys(i for code in codes if code for i in hits[code]))
     # This portal keeps contacts only: an entity type other than CONTACT finds nothing here.
     return {"CONTACT": ids} if ids and entity in ("", "CONTACT") else []
-
-
-def _has_code(contact: Mapping[str, Any], kind: str, code: str) -> bool:
-    return bool(code) and any(_comm_key(kind, v) == code for v in _field_values(contact, kind) if v)
 
 
 def _contact_update(call: _Call) -> Any:
