@@ -23,7 +23,7 @@ from config import Settings
 from repositories.job_journal import Job, JobJournal, JobState
 from services import find_or_create
 from services.bitrix_client import BatchResult, BitrixAccessDenied, BitrixClient, BitrixError
-from services.contact_matching import Decision, Wanted, read_mode, request_fields
+from services.contact_matching import request_fields
 from services.contact_validation import InvalidContactData
 from services.observability import portal_var, workflow_var
 from services.retry import RetryPolicy
@@ -182,18 +182,14 @@ class JobWorker:
     async def _find_or_add(
         self, member_id: str, jobs: list[Job], fields: dict[int, dict[str, Any]], writes: "_Writes"
     ) -> list[Job]:
-        """Find-or-create (services/contact_matching.py decides); then create what is left."""
-        wanted = [Wanted(job.id, read_mode(job.properties), fields[job.id]) for job in jobs]
+        """Find-or-create (services/find_or_create.py); what is left is created here."""
+
+        async def add(creating: list[Job]) -> list[Job]:
+            return await self._add_contacts(member_id, creating, fields, writes)
+
         region = self._settings.phone_default_region
-        plan = await find_or_create.plan(self._bitrix, member_id, wanted, region)
-        decided = {job.id: plan.decisions[job.id] for job in jobs if job.id in plan.decisions}
-        if plan.error is not None:
-            self._search_failed([job for job in jobs if job.id not in decided], plan.error, writes)
-        ready = await self._take_found(member_id, jobs, decided, writes)
-        creating = [job for job in jobs if job.id in decided and decided[job.id].action == "create"]
-        if creating:
-            ready += await self._add_contacts(member_id, creating, fields, writes)
-        return ready + self._take_in_pass(jobs, decided, writes)
+        steps = find_or_create.Steps(self._bitrix, writes, self._policy, add)
+        return await find_or_create.find_or_add(steps, member_id, jobs, fields, region)
 
     def _triage(self, jobs: list[Job], writes: "_Writes") -> tuple[list[Job], dict[int, dict[str, Any]]]:
         """CRM fields for the jobs that can still make a contact; the others go straight to the answer."""
@@ -255,48 +251,6 @@ class JobWorker:
                 writes.retry(job, error, self._policy)
             else:
                 ready.append(writes.to_send(job, 0, _portal_refused(error)))
-        return ready
-
-    def _search_failed(self, jobs: list[Job], exc: BitrixError, writes: "_Writes") -> None:
-        for job in jobs:
-            if exc.retryable:
-                writes.retry(job, exc, self._policy)
-            else:
-                writes.to_send(job, 0, f"Existing contacts could not be searched: {exc}. {exc.admin_hint}")
-
-    async def _take_found(
-        self, member_id: str, jobs: list[Job], decided: dict[int, Decision], writes: "_Writes"
-    ) -> list[Job]:
-        """Jobs answered with a contact the portal already had (`update` mode fills it first)."""
-        found = [job for job in jobs if job.id in decided and decided[job.id].action == "found"]
-        found = [job for job in found if not decided[job.id].creator]
-        filling = [decided[job.id] for job in found if decided[job.id].fill]
-        failures = await find_or_create.fill(self._bitrix, member_id, filling)
-        ready: list[Job] = []
-        for job in found:
-            decision, error = decided[job.id], failures.get(job.id)
-            note = decision.note(decision.contact_id)
-            if error is not None and error.retryable:
-                writes.retry(job, error, self._policy)
-                continue
-            if error is not None:
-                note = f"{note.split('; filled in:')[0]}; its empty fields were not filled: {error}"
-            ready.append(writes.found(job, decision.contact_id, note))
-        return ready
-
-    def _take_in_pass(self, jobs: list[Job], decided: dict[int, Decision], writes: "_Writes") -> list[Job]:
-        """Jobs whose contact an earlier job of this pass created; `later` ones look again next pass."""
-        created = {job_id: contact_id for job_id, contact_id, _ in writes.sends if contact_id}
-        ready: list[Job] = []
-        for job in jobs:
-            decision = decided.get(job.id)
-            if decision is None or not decision.creator:
-                continue
-            contact_id = created.get(decision.creator, 0)
-            if decision.action == "found" and contact_id:
-                ready.append(writes.found(job, contact_id, decision.note(contact_id)))
-            else:  # its creator failed, or `update` mode: the next pass finds it in the portal
-                writes.retry(job, BitrixError("the same person's contact is being created"), self._policy)
         return ready
 
     def _add_failed(self, jobs: list[Job], exc: BitrixError, writes: "_Writes") -> list[Job]:
