@@ -165,7 +165,8 @@ def read_commands(ids: Sequence[int]) -> dict[str, tuple[str, dict[str, Any]]]:
     return {
         f"read_{index // LIST_PAGE}": (
             "crm.contact.list",
-            {"filter": {"ID": list(ids[index : index + LIST_PAGE])}, "select": select},
+            # `@` is IN with an array value (api-reference/crm/contacts/crm-contact-list.md).
+            {"filter": {"@ID": list(ids[index : index + LIST_PAGE])}, "select": select},
         )
         for index in range(0, len(ids), LIST_PAGE)
     }

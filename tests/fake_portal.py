@@ -639,8 +639,11 @@ def _field_values(contact: Mapping[str, Any], name: str) -> list[str]:
 
 
 def _split_operator(key: str) -> tuple[str, str]:
-    """``"!=ORIGIN_ID"`` -> ``("!=", "ORIGIN_ID")``; only the operators tests need are known."""
-    for operator in ("!=", "!", "=", "%"):
+    """``"!=ORIGIN_ID"`` -> ``("!=", "ORIGIN_ID")``; only the operators tests need are known.
+
+    `@` is IN and `!@` NOT IN, with an array value (api-reference/crm/contacts/crm-contact-list.md).
+    """
+    for operator in ("!@", "!=", "!", "@", "=", "%"):
         if key.startswith(operator):
             return operator, key[len(operator) :]
     return "", key
