@@ -31,6 +31,7 @@ class Settings(BaseSettings):
     batch_linger_seconds: float = Field(default=0.05, ge=0)
     http_timeout_seconds: float = Field(default=30.0, gt=0)
     token_refresh_margin_seconds: float = Field(default=60.0, ge=0)
+    install_timeout_seconds: float = Field(default=15.0, gt=0)
 
     @field_validator("app_base_url", "bitrix_oauth_url", "bitrix_portal_url")
     @classmethod
@@ -51,6 +52,10 @@ class Settings(BaseSettings):
     @property
     def uninstall_handler_url(self) -> str:
         return f"{self.app_base_url}/uninstall"
+
+    @property
+    def update_handler_url(self) -> str:
+        return f"{self.app_base_url}/update"
 
     @property
     def token_endpoint(self) -> str:

@@ -6,7 +6,15 @@ from fastapi import Depends, Request
 from pydantic import BaseModel, ValidationError
 
 from config import Settings, get_settings
-from schemas import AppFrame, IframeInstall, InstallEvent, RobotCall, UninstallEvent, parse_php_form
+from schemas import (
+    AppFrame,
+    IframeInstall,
+    InstallEvent,
+    RobotCall,
+    UninstallEvent,
+    UpdateEvent,
+    parse_php_form,
+)
 from services.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 from services.processing import ProcessingService
 
@@ -101,7 +109,12 @@ async def uninstall_form(form: FormDep) -> UninstallEvent:
     return validated(UninstallEvent, form, "ONAPPUNINSTALL event")
 
 
+async def update_form(form: FormDep) -> UpdateEvent:
+    return validated(UpdateEvent, form, "ONAPPUPDATE event")
+
+
 RobotCallDep = Annotated[RobotCall, Depends(robot_call_form)]
 InstallDep = Annotated[InstallEvent | IframeInstall, Depends(install_form)]
 UninstallDep = Annotated[UninstallEvent, Depends(uninstall_form)]
+UpdateDep = Annotated[UpdateEvent, Depends(update_form)]
 AppFrameDep = Annotated[AppFrame | None, Depends(app_frame_form)]

@@ -29,6 +29,7 @@ from services.observability import configure_logging, register_secret, request_i
 from services.processing import ProcessingService
 from services.rate_limit import PortalRateLimiter
 from services.retry import RetryPolicy
+from services.robot_registration import RobotRegistration
 from services.worker import JobWorker
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
         limiter = PortalRateLimiter(settings.rate_limit_burst, settings.rate_limit_per_second)
         bitrix = BitrixClient(http, tokens, settings, limiter, policy)
         worker = JobWorker(journal, bitrix, settings, policy)
-        service = ProcessingService(settings, tokens, bitrix, journal, states, worker.wake)
+        robots = RobotRegistration(settings, tokens, bitrix, policy)
+        # At start and every hour, by the one process that leads the job worker.
+        worker.while_leading(robots.keep_registered)
+        service = ProcessingService(settings, tokens, bitrix, journal, states, worker.wake, robots)
         task = asyncio.create_task(worker.run(), name="job-worker")
         try:
             yield AppState(service=service)
@@ -71,6 +75,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
             task.cancel()
             with suppress(asyncio.CancelledError):
                 await task
+            await robots.close()
             await journal.close()
             await states.close()
             logger.info("Shut down")

@@ -12,6 +12,7 @@ from dependencies import (
     RobotCallDep,
     SettingsDep,
     UninstallDep,
+    UpdateDep,
 )
 from schemas import Health, InstallEvent, RobotAck
 from services import pages
@@ -32,10 +33,17 @@ async def robot(call: RobotCallDep, service: ProcessingServiceDep) -> RobotAck:
 async def install(payload: InstallDep, service: ProcessingServiceDep) -> Response:
     """Install the app on a portal: store its tokens, register the robot."""
     if isinstance(payload, InstallEvent):
-        record = await service.install_from_event(payload)
-        return JSONResponse({"status": "installed", "member_id": record.member_id, "domain": record.domain})
-    record = await service.install_from_frame(payload)
-    return HTMLResponse(pages.install_finish_page(record.domain))
+        done = await service.install_from_event(payload)
+        record = done.record
+        body = {
+            "status": "installed",
+            "member_id": record.member_id,
+            "domain": record.domain,
+            "robot": done.robot,
+        }
+        return JSONResponse(body)
+    done = await service.install_from_frame(payload)
+    return HTMLResponse(pages.install_finish_page(done.record.domain, done.robot))
 
 
 @router.get("/oauth/login")
@@ -90,6 +98,13 @@ async def uninstall(event: UninstallDep, service: ProcessingServiceDep) -> dict[
     """ONAPPUNINSTALL: forget the portal's tokens."""
     await service.uninstall(event)
     return {"status": "uninstalled"}
+
+
+@router.post("/update")
+async def update(event: UpdateDep, service: ProcessingServiceDep) -> dict[str, str]:
+    """ONAPPUPDATE: the portal deleted the app's robot; register it again."""
+    done = await service.update_from_event(event)
+    return {"status": "updated", "robot": done.robot}
 
 
 @router.get("/health")

@@ -114,6 +114,14 @@ class UninstallEvent(_Wire):
     auth: EventAuth
 
 
+class UpdateEvent(_Wire):
+    """`ONAPPUPDATE` (`api-reference/common/events/on-app-update.md`): carries fresh tokens."""
+
+    event: Annotated[Literal["ONAPPUPDATE"], BeforeValidator(_upper)]
+    auth: EventAuth
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
 class IframeInstall(_Wire):
     """The install page opened in the portal frame: tokens in the body, `DOMAIN` in the query."""
 
@@ -172,6 +180,8 @@ class PortalTokens(BaseModel):
     user_id: int | None = None
     server_endpoint: str | None = None
     robot_registered_at: float | None = None
+    # Why the robot is not registered, in words an administrator can act on; None when it is.
+    robot_problem: str | None = None
     updated_at: float = Field(default_factory=time.time)
 
     def expires_within(self, seconds: float) -> bool:
@@ -230,6 +240,7 @@ class PortalStatus(BaseModel):
     token_valid_for_seconds: int
     can_refresh: bool
     robot_registered: bool
+    robot_problem: str | None = None
 
 
 class RobotRun(BaseModel):

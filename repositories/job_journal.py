@@ -38,6 +38,8 @@ class NewJob:
     # The call's own token and endpoint: a last way to answer the workflow if ours are dead.
     client_endpoint: str = ""
     call_access_token: str = ""
+    # False when the call said use_subscription=N: the workflow did not wait, so no answer is sent.
+    wants_answer: bool = True
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT NOT NULL DEFAULT '',
     client_endpoint TEXT NOT NULL DEFAULT '',
     call_access_token TEXT NOT NULL DEFAULT '',
+    wants_answer INTEGER NOT NULL DEFAULT 1,
     state TEXT NOT NULL,
     contact_id INTEGER NOT NULL DEFAULT 0,
     attempts INTEGER NOT NULL DEFAULT 0,
@@ -136,9 +139,7 @@ class SqliteJobJournal:
             # power cut may take the last commits, a trade the acknowledgement rate needs.
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
-            columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
-            if "found_note" not in columns:  # a journal from before find-or-create
-                _add_column(self._db, "found_note TEXT NOT NULL DEFAULT ''")
+            _add_missing_columns(self._db)
         # A second connection that never waits for SQLite's write lock, for the inline insert.
         self._fast = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=0)
         self._fast.execute("PRAGMA synchronous=NORMAL")
@@ -173,6 +174,7 @@ class SqliteJobJournal:
             job.error,
             job.client_endpoint,
             job.call_access_token,
+            int(job.wants_answer),
             "add",
             job.deadline,
             now,
@@ -181,8 +183,9 @@ class SqliteJobJournal:
         )
         cursor = db.execute(
             "INSERT INTO jobs (event_token, member_id, workflow_id, document_id, properties, error,"
-            " client_endpoint, call_access_token, state, deadline, next_attempt_at, created_at,"
-            " updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(event_token) DO NOTHING",
+            " client_endpoint, call_access_token, wants_answer, state, deadline, next_attempt_at,"
+            " created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+            " ON CONFLICT(event_token) DO NOTHING",
             row,
         )
         if cursor.rowcount:
@@ -335,6 +338,15 @@ def create_private(path: Path) -> None:
     os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
 
 
+def _add_missing_columns(db: sqlite3.Connection) -> None:
+    """A journal from an older version gains the columns added since."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+    if "wants_answer" not in columns:
+        db.execute("ALTER TABLE jobs ADD COLUMN wants_answer INTEGER NOT NULL DEFAULT 1")
+    if "found_note" not in columns:  # find-or-create: the note saying which contact was found
+        _add_column(db, "found_note TEXT NOT NULL DEFAULT ''")
+
+
 def _job(row: sqlite3.Row) -> Job:
     return Job(
         id=row["id"],
@@ -346,6 +358,7 @@ def _job(row: sqlite3.Row) -> Job:
         error=row["error"],
         client_endpoint=row["client_endpoint"],
         call_access_token=row["call_access_token"],
+        wants_answer=bool(row["wants_answer"]),
         state=row["state"],
         contact_id=row["contact_id"],
         attempts=row["attempts"],

@@ -11,6 +11,8 @@ AppError                      status, stable `code`, message
 ├── ForeignPortal             403  a portal other than the configured one
 ├── InstallRejected           403  tokens the portal does not confirm as ours
 ├── NotConfigured             503  required settings are missing
+├── AutomationUnavailable     409  the portal's plan has no automation rules (no bizproc.robot.*)
+├── HandlerUrlRefused         409  the portal refuses APP_BASE_URL as a handler address
 └── UpstreamUnavailable       502  the portal or the OAuth server failed
 """
 
@@ -29,6 +31,8 @@ class ErrorCode(StrEnum):
     NOT_CONFIGURED = "not_configured"
     STORAGE_ERROR = "storage_error"
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"
+    AUTOMATION_UNAVAILABLE = "automation_unavailable"
+    HANDLER_URL_REFUSED = "handler_url_refused"
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     HTTP_ERROR = "http_error"
@@ -91,3 +95,13 @@ class NotConfigured(AppError):
 class UpstreamUnavailable(AppError):
     status_code = 502
     code = ErrorCode.UPSTREAM_UNAVAILABLE
+
+
+class AutomationUnavailable(AppError):
+    status_code = 409
+    code = ErrorCode.AUTOMATION_UNAVAILABLE
+
+
+class HandlerUrlRefused(AppError):
+    status_code = 409
+    code = ErrorCode.HANDLER_URL_REFUSED

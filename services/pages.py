@@ -19,13 +19,18 @@ def _page(title: str, body: str, head: str = "") -> str:
     )
 
 
-def install_finish_page(domain: str) -> str:
+def install_finish_page(domain: str, robot: str = "registered") -> str:
     """Tells the portal the install is complete; must run inside the portal's frame."""
     head = (
         '<script src="//api.bitrix24.com/api/v1/"></script>'
         "<script>BX24.init(function(){BX24.installFinish();});</script>"
     )
-    body = f'<p class="ok">Installed on {escape(domain)}. The robot "Create contact" is registered.</p>'
+    state = (
+        "is registered"
+        if robot == "registered"
+        else "is being registered: the portal did not answer in time, the app keeps trying"
+    )
+    body = f'<p class="ok">Installed on {escape(domain)}. The robot "Create contact" {state}.</p>'
     return _page("Bitrix24 robot installed", body, head)
 
 
@@ -68,7 +73,7 @@ def _portals_section(portals: list[PortalStatus]) -> str:
     rows = "".join(
         f"<tr><td>{escape(p.domain)}</td><td>{escape(p.member_id)}</td>"
         f"<td>{'yes' if p.can_refresh else 'no'}</td><td>{p.token_valid_for_seconds}s</td>"
-        f"<td>{'yes' if p.robot_registered else 'no'}</td></tr>"
+        f"<td>{'yes' if p.robot_registered else escape(p.robot_problem or 'no')}</td></tr>"
         for p in portals
     )
     head = "<tr><th>Portal</th><th>member_id</th><th>Connected</th><th>Token valid</th><th>Robot</th></tr>"

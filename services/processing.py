@@ -1,5 +1,6 @@
 """What the app does for each endpoint: install, OAuth, robot calls, uninstall, status."""
 
+import asyncio
 import logging
 import secrets
 import time
@@ -23,6 +24,7 @@ from schemas import (
     StatusReport,
     TokenResponse,
     UninstallEvent,
+    UpdateEvent,
     expiry,
 )
 from services.bitrix_client import (
@@ -41,19 +43,26 @@ from services.errors import (
     UpstreamUnavailable,
 )
 from services.observability import portal_var, register_secret, workflow_var
-from services.robot_definition import robot_fields
+from services.robot_registration import Outcome, RobotRegistration
 from services.trust import allowed_portal, verify_callback
 
 logger = logging.getLogger(__name__)
 
 STATE_TTL_SECONDS = 600.0
-_ALREADY_THERE = {"ERROR_ACTIVITY_ALREADY_INSTALLED", "ERROR_ACTIVITY_ADD_FAILURE"}
 
 
 @dataclass(frozen=True)
 class LoginRedirect:
     url: str
     browser_nonce: str
+
+
+@dataclass(frozen=True)
+class Installed:
+    """An install or update: the portal's record, and whether its robot is registered yet."""
+
+    record: PortalTokens
+    robot: Outcome
 
 
 class ProcessingService:
@@ -67,6 +76,7 @@ class ProcessingService:
         journal: JobJournal,
         states: OAuthStateStore,
         wake_worker: Callable[[], None],
+        robots: RobotRegistration,
     ) -> None:
         self._settings = settings
         self._tokens = tokens
@@ -74,10 +84,11 @@ class ProcessingService:
         self._journal = journal
         self._states = states
         self._wake_worker = wake_worker
+        self._robots = robots
 
     # --- install -------------------------------------------------------------------------------
 
-    async def install_from_event(self, event: InstallEvent) -> PortalTokens:
+    async def install_from_event(self, event: InstallEvent) -> Installed:
         """Server-to-server ONAPPINSTALL: prove the tokens, store them, register the robot."""
         self._require_configured()
         auth = event.auth
@@ -98,7 +109,7 @@ class ProcessingService:
         )
         return await self._install(candidate)
 
-    async def install_from_frame(self, form: IframeInstall) -> PortalTokens:
+    async def install_from_frame(self, form: IframeInstall) -> Installed:
         """Install page opened in the portal frame (the UI install variant)."""
         self._require_configured()
         scheme = "https" if form.PROTOCOL == "1" else "http"
@@ -116,15 +127,32 @@ class ProcessingService:
         )
         return await self._install(candidate)
 
-    async def _install(self, candidate: PortalTokens) -> PortalTokens:
+    async def _install(self, candidate: PortalTokens) -> Installed:
+        """Prove and store the tokens, then register the robot and bind the events, all within
+        INSTALL_TIMEOUT_SECONDS: a portal that hangs gets its answer in time, and an unfinished
+        registration goes on in the background.
+        """
         portal_var.set(candidate.domain)
         register_secret(candidate.access_token, candidate.refresh_token, candidate.application_token)
-        await self._prove(candidate)
+        deadline = asyncio.get_running_loop().time() + self._settings.install_timeout_seconds
+        await self._prove_in_time(candidate, deadline)
         await self._tokens.save(candidate)
         logger.info("Install from portal %s (%s): tokens stored", candidate.domain, candidate.member_id)
-        record = await self._register_robot(candidate)
-        await self._bind_uninstall(candidate.member_id)
-        return record
+        robot = await self._robots.register_within(
+            candidate.member_id, deadline - asyncio.get_running_loop().time(), bind_events=True
+        )
+        return Installed(await self._tokens.get(candidate.member_id) or candidate, robot)
+
+    async def _prove_in_time(self, candidate: PortalTokens, deadline: float) -> None:
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._prove(candidate)
+        except TimeoutError:
+            raise UpstreamUnavailable(
+                f"The portal {candidate.domain} did not answer within "
+                f"{self._settings.install_timeout_seconds:g} s; nothing was stored. Install again "
+                "once the portal answers."
+            ) from None
 
     async def _prove(self, candidate: PortalTokens) -> None:
         """Tokens count only once the portal they claim confirms they belong to our app."""
@@ -144,39 +172,26 @@ class ProcessingService:
         if code != self._settings.bitrix_client_id:
             raise InstallRejected(f"The tokens belong to another app ({code!r}), not BITRIX_CLIENT_ID.")
 
-    async def _register_robot(self, record: PortalTokens) -> PortalTokens:
-        fields = robot_fields(self._settings)
-        if record.user_id:
-            fields["AUTH_USER_ID"] = record.user_id
-        code = self._settings.robot_code
-        try:
-            try:
-                await self._bitrix.call(record.member_id, "bizproc.robot.add", {"CODE": code, **fields})
-                logger.info("Robot %s registered, handler %s", code, fields["HANDLER"])
-            except BitrixApiError as exc:
-                if exc.error.upper() not in _ALREADY_THERE:
-                    raise
-                await self._bitrix.call(
-                    record.member_id, "bizproc.robot.update", {"CODE": code, "FIELDS": fields}
-                )
-                logger.info("Robot %s was registered already; updated, handler %s", code, fields["HANDLER"])
-        except BitrixError as exc:
-            raise UpstreamUnavailable(f"Registering the robot failed: {exc}. {exc.admin_hint}") from exc
-        # Re-read: the calls above may have refreshed (and rotated) the tokens we started with.
-        stored = await self._tokens.get(record.member_id) or record
-        registered = stored.model_copy(update={"robot_registered_at": time.time()})
-        await self._tokens.save(registered)
-        return registered
+    # --- update --------------------------------------------------------------------------------
 
-    async def _bind_uninstall(self, member_id: str) -> None:
-        params = {"event": "ONAPPUNINSTALL", "handler": self._settings.uninstall_handler_url}
-        try:
-            await self._bitrix.call(member_id, "event.bind", params)
-        except BitrixApiError as exc:
-            if exc.error.upper() != "ERROR_HANDLER_ALREADY_EXIST":
-                logger.warning("Could not bind ONAPPUNINSTALL: %s", exc)
-        except BitrixError as exc:
-            logger.warning("Could not bind ONAPPUNINSTALL: %s", exc)
+    async def update_from_event(self, event: UpdateEvent) -> Installed:
+        """ONAPPUPDATE: the portal deleted the robot; store the event's tokens, register it again."""
+        portal_var.set(event.auth.domain)
+        deadline = asyncio.get_running_loop().time() + self._settings.install_timeout_seconds
+        # Verified like /uninstall. A request whose application_token differs is refused even if
+        # its access token is valid: any user who opens the app holds such a token, and must not
+        # be able to choose the secret that authenticates robot calls.
+        stored = await self._tokens.get(event.auth.member_id)
+        record = _with_event_tokens(verify_callback(self._settings, stored, event.auth), event)
+        await self._tokens.save(record)
+        version = event.data.get("VERSION", "?")
+        logger.info(
+            "App updated on portal %s (version %s): registering the robot again", record.domain, version
+        )
+        robot = await self._robots.register_within(
+            record.member_id, deadline - asyncio.get_running_loop().time(), bind_events=False
+        )
+        return Installed(record, robot)
 
     # --- OAuth ---------------------------------------------------------------------------------
 
@@ -272,6 +287,9 @@ class ProcessingService:
             properties=call.properties,
             client_endpoint=record.client_endpoint,
             call_access_token=call.auth.access_token or "",
+            # Only an explicit N skips the answer: an answer nobody waits for is dropped harmlessly,
+            # a missing one leaves a workflow waiting.
+            wants_answer=call.use_subscription.strip().upper() != "N",
         )
 
     # --- uninstall and status ------------------------------------------------------------------
@@ -331,4 +349,22 @@ def _portal_status(record: PortalTokens) -> PortalStatus:
         token_valid_for_seconds=max(0, int(record.expires_at - time.time())),
         can_refresh=bool(record.refresh_token),
         robot_registered=record.robot_registered_at is not None,
+        robot_problem=record.robot_problem,
+    )
+
+
+def _with_event_tokens(record: PortalTokens, event: UpdateEvent) -> PortalTokens:
+    """The record with the tokens an event carried (an event may carry none)."""
+    auth = event.auth
+    register_secret(auth.access_token, auth.refresh_token)
+    if not auth.access_token:
+        return record
+    return record.model_copy(
+        update={
+            "access_token": auth.access_token,
+            "refresh_token": auth.refresh_token or record.refresh_token,
+            "expires_at": expiry(auth.expires, auth.expires_in),
+            "server_endpoint": auth.server_endpoint or record.server_endpoint,
+            "updated_at": time.time(),
+        }
     )

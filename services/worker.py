@@ -11,7 +11,7 @@ import hashlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -56,15 +56,26 @@ class JobWorker:
         self._policy = policy
         self._wakeup = asyncio.Event()
         self._last_due = -1  # jobs due at the previous look, to tell a growing batch from a stalled one
+        self._leader_jobs: list[Callable[[], Coroutine[Any, Any, None]]] = []
 
     def wake(self) -> None:
         self._wakeup.set()
+
+    def while_leading(self, job: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Also run `job` alongside the worker, in the one process that leads it."""
+        self._leader_jobs.append(job)
 
     async def run(self) -> None:
         """Loop until cancelled; failures are logged and retried, never fatal."""
         async with self._leadership():
             logger.info("Job worker started")
-            await self._loop()
+            extras = [asyncio.create_task(job()) for job in self._leader_jobs]
+            try:
+                await self._loop()
+            finally:
+                for extra in extras:
+                    extra.cancel()
+                await asyncio.gather(*extras, return_exceptions=True)
 
     @asynccontextmanager
     async def _leadership(self) -> AsyncIterator[None]:
@@ -162,9 +173,14 @@ class JobWorker:
             ready += await self._create_contacts(member_id, adds, writes)
             # The contact ids are on disk before any workflow hears about them.
             await writes.flush(self._journal)
+        # use_subscription N: the workflow went on at once and expects no answer.
+        for job in ready:
+            if not job.wants_answer:
+                writes.unanswered(job)
+        ready = [job for job in ready if job.wants_answer]
         if ready:
             await self._answer(member_id, ready, writes)
-            await writes.flush(self._journal)
+        await writes.flush(self._journal)
 
     # --- contacts ------------------------------------------------------------------------------
 
@@ -338,6 +354,12 @@ class _Writes:
         _set_context(job)
         logger.warning("Job %d: %s; retry in %.1fs", job.id, error, delay)
 
+    def unanswered(self, job: Job) -> None:
+        """Finish a job whose workflow expects no answer."""
+        self.finished.append((job.id, "done", ""))
+        _set_context(job)
+        logger.info("Job %d done: contact_id=%d; no answer sent (use_subscription=N)", job.id, job.contact_id)
+
     def answered(self, job: Job, error: BitrixError | None, policy: RetryPolicy) -> None:
         _set_context(job)
         if error is None:
@@ -345,8 +367,14 @@ class _Writes:
             suffix = f", error: {job.error}" if job.error else ""
             logger.info("Job %d done: contact_id=%d%s", job.id, job.contact_id, suffix)
         elif isinstance(error, BitrixAccessDenied):
-            self.finished.append((job.id, "abandoned", job.error))
-            logger.warning("Job %d abandoned: the portal no longer waits for this answer (%s)", job.id, error)
+            # The core refuses only a token that fails its signature check (restservice.php
+            # extractEventToken); a late answer is accepted and dropped, so this is not "too late".
+            self.finished.append((job.id, "failed", job.error))
+            logger.error(
+                "Job %d failed: the portal refused the event token, the answer was not delivered (%s)",
+                job.id,
+                error,
+            )
         elif error.retryable and time.time() < job.deadline:
             self.retry(job, error, policy)
         else:

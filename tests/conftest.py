@@ -15,7 +15,7 @@ from config import Settings, get_settings
 from main import create_app
 from tests.fake_portal import FakePortal, FakePortalConfig
 
-APP_URL = "http://testserver"
+APP_URL = "http://robot.example.test"  # a dotted host: the portal refuses others as HANDLER
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
 

@@ -165,6 +165,12 @@ class FakePortalConfig:
     rate_drain: float = 2.0  # leaky bucket Y per second
     redirect_uri: str = "http://127.0.0.1:8000/app"  # where /oauth/authorize/ redirects
     admin_user_id: int = 1
+    # Automation rules on the portal's plan. Without them the core does not register
+    # bizproc.robot.* (nor bizproc.event.send and bizproc.activity.log when business processes
+    # are off too), so calling them gives ERROR_METHOD_NOT_FOUND: bizproc/lib/restservice.php,
+    # onRestServiceBuildDescription(), which maps these methods only when
+    # Feature::isFeatureEnabled('bizproc' | 'crm_automation_deal' | ...) says so.
+    automation_rules: bool = True
 
 
 class PortalError(Exception):
@@ -280,8 +286,11 @@ class _State:
         self.codes: dict[str, _Grant] = {}
         self.contacts: list[dict[str, Any]] = []
         self.contact_meta: dict[int, dict[str, Any]] = {}
-        self.pending: set[str] = set()
+        self.issued: set[str] = set()  # event tokens this portal signed
+        self.pending: set[str] = set()  # ... whose robot still waits for its answer
         self.answers: dict[str, dict[str, Any]] = {}
+        self.dropped: list[dict[str, Any]] = []  # answers accepted with `true`, then ignored
+        self.held_methods: set[str] = set()
         self.activity_log: list[dict[str, str]] = []
         self.robots: dict[str, dict[str, Any]] = {}
         self.events: list[dict[str, Any]] = []
@@ -426,10 +435,18 @@ def _check_code(code: Any) -> str:
 
 
 def _check_url(url: Any) -> None:
-    parts = urlsplit(str(url))
-    if not parts.netloc:
+    """The core's `Bitrix\\Rest\\HandlerHelper::checkCallback` (rest/lib/handlerhelper.php), which
+    `bizproc.robot.add`/`update` (restservice.php, validateActivityHandler) and `event.bind` use:
+    the host must contain a dot after its first character (`strpos($host, '.') > 0`), so
+    `localhost` or `myserver` is refused; only then is the scheme checked.
+    """
+    try:
+        host = urlsplit(str(url)).hostname or ""
+    except ValueError:
+        host = ""
+    if host.find(".") <= 0:
         raise PortalError(400, "ERROR_WRONG_HANDLER_URL", "Wrong handler URL")
-    if parts.scheme not in ("http", "https"):
+    if urlsplit(str(url)).scheme not in ("http", "https"):
         raise PortalError(400, "ERROR_UNSUPPORTED_PROTOCOL", "Unsupported handler protocol")
 
 
@@ -473,8 +490,15 @@ def _robot_add(call: _Call) -> Any:
     _check_robot_fields(fields, partial=False)
     if code in call.state.robots:
         raise PortalError(400, "ERROR_ACTIVITY_ALREADY_INSTALLED", "Activity or Robot already installed!")
+    # restservice.php addActivityInternal: `(int) $params['AUTH_USER_ID']`, 0 when absent.
+    fields["AUTH_USER_ID"] = _php_int(fields.get("AUTH_USER_ID"))
     call.state.robots[code] = copy.deepcopy(fields)
     return True
+
+
+def _php_int(value: Any) -> int:
+    text = str(value or "").strip()
+    return int(text) if text.isdigit() else 0
 
 
 def _existing_robot(call: _Call) -> str:
@@ -492,6 +516,8 @@ def _robot_update(call: _Call) -> Any:
         raise _validation("No fields to update")
     updates = {key.upper(): value for key, value in fields.items()}
     _check_robot_fields(updates, partial=True)
+    if "AUTH_USER_ID" in updates:
+        updates["AUTH_USER_ID"] = _php_int(updates["AUTH_USER_ID"])
     call.state.robots[code].update(copy.deepcopy(updates))
     return True
 
@@ -800,27 +826,41 @@ def _merge_multifield(contact_id: int, current: list[dict[str, Any]], rows: Any)
 # -- bizproc.event.send / bizproc.activity.log (wire doc 7) -----------------------------------
 
 
-def _pending_token(call: _Call) -> str:
+def _signed_token(call: _Call) -> str:
+    """The core refuses only a token whose signature fails: bizproc/lib/restservice.php,
+    extractEventToken() -> CBPRestActivity::extractToken() (Signer::unsign with the salt
+    'bizproc', bizproc/classes/general/restactivity.php) -> AccessException, which the REST
+    server answers with 403 ACCESS_DENIED "Access denied!".
+    """
     token = call.param("event_token")
-    if not isinstance(token, str) or token not in call.state.pending:
-        # Unknown, already answered and "workflow gone" all look the same (wire doc 7).
+    if not isinstance(token, str) or token not in call.state.issued:
         raise PortalError(403, "ACCESS_DENIED", "Access denied!")
     return token
 
 
 def _event_send(call: _Call) -> Any:
-    token = _pending_token(call)
+    """restservice.php sendEvent(): a signed token is answered `true` at once; the event then
+    reaches the activity (CBPRestActivity::onExternalEvent), which ignores it silently when it
+    is already closed: answered before, timed out, or never waiting (use_subscription N).
+    """
+    token = _signed_token(call)
     return_values = call.param("return_values")
-    call.state.pending.discard(token)
-    call.state.answers[token] = {
+    answer = {
         "return_values": copy.deepcopy(return_values) if return_values not in (None, "", []) else {},
         "log_message": str(call.param("log_message") or ""),
     }
+    if token in call.state.pending:
+        call.state.pending.discard(token)
+        call.state.answers[token] = answer
+    else:
+        call.state.dropped.append({"event_token": token, **answer})
     return True
 
 
 def _activity_log(call: _Call) -> Any:
-    token = _pending_token(call)
+    token = _signed_token(call)
+    if token not in call.state.pending:
+        return True  # same path as sendEvent: a closed activity ignores it
     message = str(call.param("log_message") or "")
     call.state.activity_log.append({"event_token": token, "log_message": message})
     return True
@@ -845,6 +885,12 @@ _METHODS: dict[str, Callable[[_Call], Any]] = {
     "bizproc.event.send": _event_send,
     "bizproc.activity.log": _activity_log,
 }
+
+
+# Only on plans with automation rules (see FakePortalConfig.automation_rules).
+_AUTOMATION_METHODS = frozenset(
+    name for name in _METHODS if name.startswith("bizproc.robot.") or name.startswith("bizproc.event.")
+) | {"bizproc.activity.log"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -965,7 +1011,7 @@ class _Dispatcher:
         if failure is not None:
             raise failure
         handler = _METHODS.get(method)
-        if handler is None:
+        if handler is None or (method in _AUTOMATION_METHODS and not self.state.config.automation_rules):
             raise PortalError(404, "ERROR_METHOD_NOT_FOUND", "Method not found!")
         return handler(_Call(self.state, user_id, params))
 
@@ -1299,16 +1345,23 @@ class FakePortal:
         timeout_duration: int | None = 660,
         event_token: str | None = None,
         application_token: str | None = None,
+        use_subscription: str | None = None,
     ) -> tuple[str, str]:
         """(event_token, body) of a robot invocation (wire doc 6.3); the token is then pending.
 
         Re-using an ``event_token`` models a redelivery: an already answered token stays
-        answered, so a second ``bizproc.event.send`` gets ACCESS_DENIED.
+        answered, so a second ``bizproc.event.send`` is accepted and dropped. ``use_subscription``
+        is the robot's "wait for the answer" switch as the workflow's author set it in the
+        designer (restactivity.php: the `UseSubscription` property, defaulting to the robot's
+        USE_SUBSCRIPTION); with "N" the workflow goes on at once and waits for nothing.
         """
         workflow_id = event_token.split("|", 1)[0] if event_token else _new_workflow_id()
         token = event_token or _new_event_token(workflow_id)
         user_id, waits = self._robot_user(code)
+        if use_subscription is not None:
+            waits = use_subscription.upper() == "Y"
         with self._state.lock:
+            self._state.issued.add(token)
             if waits and token not in self._state.answers:
                 self._state.pending.add(token)
         pair = self._state.issue_tokens(user_id)
@@ -1328,6 +1381,30 @@ class FakePortal:
             ]
         )
         return token, body
+
+    def update_event_body(
+        self, *, application_token: str | None = None, user_id: int = 1, version: str = "2"
+    ) -> str:
+        """ONAPPUPDATE as `api-reference/common/events/on-app-update.md` documents it.
+
+        The portal also does what an update does: the core's `onRestAppUpdate` deletes the app's
+        robots (bizproc/lib/restservice.php; `bizproc-robot-delete.md`: "When the application is
+        deleted or updated, the associated robots are removed"). A given application_token
+        becomes the portal's new one (`security-recommendations.md`: update the stored value
+        "if Bitrix24 has provided a new application_token").
+        """
+        with self._state.lock:
+            self._state.robots.clear()
+            if application_token is not None:
+                self._state.app_token = application_token
+        pair = self._state.issue_tokens(user_id)
+        auth = self._auth_block(pair, None)
+        auth.pop("expires")  # the documented ONAPPUPDATE auth block has no `expires` ...
+        auth.pop("user_id")  # ... and no `user_id`
+        data = {"VERSION": version, "PREVIOUS_VERSION": "1", "LANGUAGE_ID": "ru"}
+        return build_php_query(
+            [("event", "ONAPPUPDATE"), ("data", data), ("ts", str(int(time.time()))), ("auth", auth)]
+        )
 
     def uninstall_event_body(self, *, application_token: str | None = None, revoke: bool = True) -> str:
         """ONAPPUNINSTALL without tokens (wire doc 1.5).
@@ -1407,9 +1484,21 @@ class FakePortal:
             result: int = _contact_add(_Call(self._state, user, {"fields": dict(fields)}))
             return result
 
+    def hold_method(self, *methods: str) -> None:
+        """Stall the REST calls of these methods only (a portal that hangs on them)."""
+        with self._state.lock:
+            self._state.held_methods.update(_method_name(m) for m in methods)
+
     def release(self) -> None:
+        with self._state.lock:
+            self._state.held_methods.clear()
         self._released.set()
         self._replies_released.set()
+
+    def delete_robots(self) -> None:
+        """The robots disappear, as after an app update the app was not told about."""
+        with self._state.lock:
+            self._state.robots.clear()
 
     def set_rate_limit(self, burst: int | None, drain: float) -> None:
         with self._state.lock:
@@ -1441,6 +1530,12 @@ class FakePortal:
     def bound_events(self) -> list[dict[str, Any]]:
         with self._state.lock:
             return copy.deepcopy(self._state.events)
+
+    @property
+    def dropped_answers(self) -> list[dict[str, Any]]:
+        """Answers `bizproc.event.send` accepted (`true`) for a robot that no longer waited."""
+        with self._state.lock:
+            return copy.deepcopy(self._state.dropped)
 
     @property
     def pending_event_tokens(self) -> set[str]:
@@ -1509,6 +1604,10 @@ class FakePortal:
             with self._state.lock:
                 self._state.stats["held_requests"] -= 1
 
+    async def _method_held(self, method: str) -> bool:
+        with self._state.lock:
+            return method in self._state.held_methods
+
     async def _rest(self, request: Request) -> Response:
         await self._wait_while_held()
         method = _method_name(str(request.path_params["method"]))
@@ -1519,6 +1618,9 @@ class FakePortal:
             params = await _read_params(request)  # awaited outside the lock, never under it
         except PortalError as exc:
             bad_body = exc
+        # Held after the body is read: a client that gives up meanwhile leaves nothing unread.
+        while await self._method_held(method):
+            await asyncio.sleep(0.01)
         with self._state.lock:
             try:
                 if bad_body is not None:
@@ -1582,6 +1684,7 @@ class _ControlApi:
             Route("/_fake/install-body", self.install_body, methods=post),
             Route("/_fake/iframe-install", self.iframe_install, methods=post),
             Route("/_fake/uninstall-body", self.uninstall_body, methods=post),
+            Route("/_fake/update-body", self.update_body, methods=post),
             Route("/_fake/robot-body", self.robot_body, methods=post),
             Route("/_fake/authorize-redirect", self.authorize_redirect, methods=post),
             Route("/_fake/hold", self.hold, methods=post),
@@ -1633,6 +1736,13 @@ class _ControlApi:
         )
         return JSONResponse({"body": body})
 
+    async def update_body(self, request: Request) -> Response:
+        data = await _json_object(request)
+        body = self.portal.update_event_body(
+            application_token=data.get("application_token"), user_id=int(data.get("user_id", 1))
+        )
+        return JSONResponse({"body": body})
+
     async def robot_body(self, request: Request) -> Response:
         data = await _json_object(request)
         options: dict[str, Any] = {
@@ -1642,6 +1752,8 @@ class _ControlApi:
             options["timeout_duration"] = data["timeout_duration"]
         if "document_id" in data:
             options["document_id"] = tuple(data["document_id"])
+        if "use_subscription" in data:
+            options["use_subscription"] = str(data["use_subscription"])
         token, body = self.portal.robot_call_body(data.get("properties") or {}, **options)
         return JSONResponse({"event_token": token, "body": body})
 

@@ -184,7 +184,9 @@ def test_batch_reports_per_command_errors(portal: FakePortal, client: httpx.Clie
     assert (too_long.status_code, too_long.json()["error"]) == (400, "ERROR_BATCH_LENGTH_EXCEEDED")
 
 
-def test_event_send_is_single_use(portal: FakePortal, client: httpx.Client) -> None:
+def test_event_send_accepts_every_signed_token_and_drops_late_answers(
+    portal: FakePortal, client: httpx.Client
+) -> None:
     event_token, body = portal.robot_call_body({"last_name": "Ivanov"})
     sent = decode(body)
     assert sent["event_token"] == event_token
@@ -196,14 +198,63 @@ def test_event_send_is_single_use(portal: FakePortal, client: httpx.Client) -> N
     assert call(client, "bizproc.event.send", token, **answer).json()["result"] is True
     portal.wait_for_answers(1, timeout=1)
     assert portal.answers[event_token] == {"return_values": {"contact_id": 5}, "log_message": "ok"}
-    repeat = call(client, "bizproc.event.send", token, **answer)
-    assert repeat.status_code == 403
-    assert repeat.json() == {"error": "ACCESS_DENIED", "error_description": "Access denied!"}
+    # A second answer is accepted too (restservice.php sendEvent) and ignored by the closed activity.
+    assert call(client, "bizproc.event.send", token, **answer).json()["result"] is True
+    assert [d["event_token"] for d in portal.dropped_answers] == [event_token]
     # A redelivery of an answered call does not reopen it.
     portal.robot_call_body({"last_name": "Ivanov"}, event_token=event_token)
-    assert call(client, "bizproc.event.send", token, **answer).status_code == 403
+    assert call(client, "bizproc.event.send", token, **answer).json()["result"] is True
     with pytest.raises(AssertionError, match="expected 2"):
         portal.wait_for_answers(2, timeout=0.05)
+    # A robot that does not wait (use_subscription N) takes the answer and ignores it.
+    silent_token, _ = portal.robot_call_body({"last_name": "Ivanov"}, use_subscription="N")
+    silent = {**answer, "EVENT_TOKEN": silent_token}
+    assert call(client, "bizproc.event.send", token, **silent).json()["result"] is True
+    assert silent_token not in portal.answers
+    # Only a token the portal did not sign is refused.
+    forged = {**answer, "EVENT_TOKEN": event_token[:-4] + "0000"}
+    refused = call(client, "bizproc.event.send", token, **forged)
+    assert refused.status_code == 403
+    assert refused.json() == {"error": "ACCESS_DENIED", "error_description": "Access denied!"}
+
+
+def test_handler_hosts_without_a_dot_are_refused(portal: FakePortal, client: httpx.Client) -> None:
+    admin = install_token(portal)
+    for handler in ("http://localhost:8000/robot", "https://myserver/robot", "http://.example.com/robot"):
+        refused = call(client, "bizproc.robot.add", admin, **{**ROBOT, "HANDLER": handler})
+        assert refused.json() == {
+            "error": "ERROR_WRONG_HANDLER_URL",
+            "error_description": "Wrong handler URL",
+        }
+        bind = call(client, "event.bind", admin, event="ONAPPUPDATE", handler=handler)
+        assert bind.json()["error"] == "ERROR_WRONG_HANDLER_URL"
+    assert call(client, "bizproc.robot.add", admin, **ROBOT).json()["result"] is True
+
+
+def test_plan_without_automation_rules_has_no_robot_methods(client: httpx.Client) -> None:
+    with FakePortal(FakePortalConfig(rate_burst=None, automation_rules=False)) as bare:
+        admin = install_token(bare)
+        with httpx.Client(base_url=bare.url, timeout=5) as http:
+            for method in ("bizproc.robot.add", "bizproc.robot.list", "bizproc.event.send"):
+                missing = call(http, method, admin, **ROBOT)
+                assert missing.status_code == 404
+                assert missing.json()["error"] == "ERROR_METHOD_NOT_FOUND"
+            assert call(http, "app.info", admin).status_code == 200
+
+
+def test_update_event_deletes_the_robots_and_follows_the_docs(
+    portal: FakePortal, client: httpx.Client
+) -> None:
+    admin = install_token(portal)
+    assert call(client, "bizproc.robot.add", admin, **ROBOT).json()["result"] is True
+
+    sent = decode(portal.update_event_body(application_token="c917d38f6bdb84e9d9e0bfe9d585be73"))
+
+    assert portal.robots == {}
+    assert sent["event"] == "ONAPPUPDATE"
+    assert set(sent["data"]) == {"VERSION", "PREVIOUS_VERSION", "LANGUAGE_ID"}
+    assert sent["auth"]["application_token"] == "c917d38f6bdb84e9d9e0bfe9d585be73"
+    assert sent["auth"]["refresh_token"]
 
 
 def test_robot_registration_rules(portal: FakePortal, client: httpx.Client) -> None:

@@ -1,4 +1,4 @@
-"""The job worker against the fake portal: retries within a budget, abandoned workflows, resumption."""
+"""The job worker against the fake portal: retries within a budget, resumption."""
 
 import asyncio
 from pathlib import Path
@@ -14,26 +14,6 @@ from tests.fake_portal import FakePortal
 
 pytestmark = pytest.mark.anyio
 GOOD = {"last_name": "Ivanov", "first_name": "Ivan", "phone": "+79991234567"}
-
-
-async def test_workflow_that_is_gone_ends_the_job_as_abandoned(
-    installed: httpx.AsyncClient, portal: FakePortal
-) -> None:
-    portal.fail_next("bizproc.event.send", 403, "ACCESS_DENIED", "Access denied!")
-    token, body = portal.robot_call_body(GOOD)
-
-    await post_form(installed, "/robot", body)
-
-    async def queue() -> dict[str, int]:
-        return (await installed.get("/health")).json()["queue"]  # type: ignore[no-any-return]
-
-    for _ in range(500):
-        if (await queue())["abandoned"]:
-            break
-        await asyncio.sleep(0.02)
-    assert (await queue())["abandoned"] == 1
-    assert len(portal.contacts) == 1
-    assert token not in portal.answers
 
 
 async def test_transient_failures_are_retried_until_the_contact_is_made(
