@@ -296,3 +296,28 @@ async def test_installed_robot_with_the_old_definition_gets_the_new_one(
     assert "duplicate" in robot["RETURN_PROPERTIES"]
     await post_form(installed, "/robot", body)
     assert returned(await answer_for(portal, token))[1] == "N"
+
+
+async def test_the_check_at_start_gives_an_installed_robot_the_new_inputs(
+    tmp_path: Path, portal: FakePortal
+) -> None:
+    settings = make_settings(tmp_path, portal)
+    for run_index in range(2):  # install; then the portal has the old definition; then a restart
+        app = create_app()
+        app.dependency_overrides[get_settings] = lambda: settings
+        async with LifespanManager(app) as manager:
+            transport = httpx.ASGITransport(app=manager.app)
+            async with httpx.AsyncClient(transport=transport, base_url=APP_URL) as client:
+                if run_index == 0:
+                    assert (
+                        await post_form(client, "/install", portal.install_event_body())
+                    ).status_code == 200
+                    await eventually(lambda: "create_contact" in portal.robots, what="the robot registered")
+                    old = {key: portal.robots["create_contact"]["PROPERTIES"][key] for key in PERSON}
+                    portal.set_robot_properties("create_contact", old)
+                    continue
+                await eventually(
+                    lambda: "duplicates" in portal.robots["create_contact"]["PROPERTIES"],
+                    what="the robot updated at start",
+                )
+    assert portal.robots["create_contact"]["PROPERTIES"]["responsible"]["Type"] == "user"
