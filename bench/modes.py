@@ -5,7 +5,8 @@ Four runs of `Plan.burst_calls` calls, each against a fresh app on the same fake
 * create        - new people, `duplicates=create` (what every workflow did before issue 13);
 * reuse, new    - new people, `duplicates=reuse`: one search batch, then the adds;
 * reuse, found  - the people of the create run again: every call finds its contact;
-* update, found - the same people with `duplicates=update`: found, nothing left to fill.
+* update, found - the same people with `duplicates=update`: found, nothing left to fill;
+* reuse, mixed  - every other call is a person of the create run, the others are new.
 
 Per run: REST requests per call and wall time against the floor (the later of the arrival of the
 last call and the least time the portal's bucket allows the pass's requests in).
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 TARGETS = {"create": 0.05, "reuse": 0.07, "wall_over_floor": 1.2}
 # REST requests a pass of 50 calls needs at least: search (not in create), adds or reads, answers.
 _REQUESTS_PER_PASS = {"create": 2, "reuse": 3, "update": 3}
-RUNS = (("create", "new"), ("reuse", "new"), ("reuse", "found"), ("update", "found"))
+RUNS = (("create", "new"), ("reuse", "new"), ("reuse", "found"), ("update", "found"), ("reuse", "mixed"))
 
 
 def scenario_modes(bench: Bench) -> dict[str, Any]:
@@ -36,23 +37,25 @@ def scenario_modes(bench: Bench) -> dict[str, Any]:
     created = 0  # the first index of the people the create run made
     results: dict[str, Any] = {}
     for mode, who in RUNS:
-        offset = bench.indices(count) if who == "new" else created
-        if mode == "create":
-            created = offset
-        results[f"{mode}, {who}"] = _one_run(bench, run, mode, offset, count)
+        if who == "mixed":
+            fresh = bench.indices(count)
+            people = [created + i if i % 2 else fresh + i for i in range(count)]
+        else:
+            offset = bench.indices(count) if who == "new" else created
+            created = offset if mode == "create" else created
+            people = [offset + i for i in range(count)]
+        results[f"{mode}, {who}"] = _one_run(bench, run, mode, people)
     return results
 
 
-def _one_run(bench: Bench, run: Any, mode: str, offset: int, count: int) -> dict[str, Any]:
-    portal, drain = bench.portal, bench.plan.drain
+def _one_run(bench: Bench, run: Any, mode: str, people: list[int]) -> dict[str, Any]:
+    portal, drain, count, tag = bench.portal, bench.plan.drain, len(people), f"modes-{mode}-{people[0]}"
     portal.release()
     portal.rate_limit(run.BURST, drain)
-    app = bench.start_app(
-        f"modes-{mode}-{offset}", RATE_LIMIT_BURST=str(run.BURST), RATE_LIMIT_PER_SECOND=str(drain)
-    )
+    app = bench.start_app(tag, RATE_LIMIT_BURST=str(run.BURST), RATE_LIMIT_PER_SECOND=str(drain))
     try:
-        calls = asyncio.run(_bodies(portal.url, run, mode, offset, count))
-        bodies = bench.bodies_file(f"modes-{mode}-{offset}", [body for _, body in calls])
+        calls = asyncio.run(_bodies(portal.url, run, mode, people))
+        bodies = bench.bodies_file(tag, [body for _, body in calls])
         run._settle_bucket(drain)
         before = portal.stats()
         process, out = bench.start_loadgen(app, ["--bodies", str(bodies)], 0, f"modes-{mode}")
@@ -81,7 +84,7 @@ def _one_run(bench: Bench, run: Any, mode: str, offset: int, count: int) -> dict
     }
 
 
-async def _bodies(url: str, run: Any, mode: str, offset: int, count: int) -> list[tuple[str, str]]:
+async def _bodies(url: str, run: Any, mode: str, people: list[int]) -> list[tuple[str, str]]:
     gate = asyncio.Semaphore(8)
     async with httpx.AsyncClient(base_url=url, timeout=30.0) as client:
 
@@ -93,7 +96,7 @@ async def _bodies(url: str, run: Any, mode: str, offset: int, count: int) -> lis
             data = reply.json()
             return str(data["event_token"]), str(data["body"])
 
-        return list(await asyncio.gather(*(one(offset + i) for i in range(count))))
+        return list(await asyncio.gather(*(one(index) for index in people)))
 
 
 def _duplicates(answers: dict[str, Any], tokens: list[str]) -> int:
