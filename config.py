@@ -31,6 +31,8 @@ class Settings(BaseSettings):
     batch_linger_seconds: float = Field(default=0.05, ge=0)
     http_timeout_seconds: float = Field(default=30.0, gt=0)
     token_refresh_margin_seconds: float = Field(default=60.0, ge=0)
+    # Refresh tokens die 180 days after issue (b24restdocs settings/oauth/auto-renewal.md).
+    token_renew_after_seconds: float = Field(default=30 * 86400.0, gt=0)
     install_timeout_seconds: float = Field(default=15.0, gt=0)
 
     @field_validator("app_base_url", "bitrix_oauth_url", "bitrix_portal_url")

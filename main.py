@@ -30,6 +30,7 @@ from services.processing import ProcessingService
 from services.rate_limit import PortalRateLimiter
 from services.retry import RetryPolicy
 from services.robot_registration import RobotRegistration
+from services.token_upkeep import TokenUpkeep
 from services.worker import JobWorker
 
 logger = logging.getLogger(__name__)
@@ -53,8 +54,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
     register_secret(*settings.secret_values())
     _report_settings(settings)
     timeout = httpx.Timeout(settings.http_timeout_seconds, connect=5.0)
+    # Tests route portal and authorization-server hosts to 127.0.0.1 through `app.state.bitrix_transport`.
+    transport: httpx.AsyncBaseTransport | None = getattr(app.state, "bitrix_transport", None)
     async with httpx.AsyncClient(
-        timeout=timeout, headers={"User-Agent": "bitrix24-contact-robot/1.0"}
+        timeout=timeout, headers={"User-Agent": "bitrix24-contact-robot/1.0"}, transport=transport
     ) as http:
         tokens = JsonTokenStore(settings.token_file)
         await _remember_stored_secrets(tokens)
@@ -69,12 +72,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
         worker.while_leading(robots.keep_registered)
         service = ProcessingService(settings, tokens, bitrix, journal, states, worker.wake, robots)
         task = asyncio.create_task(worker.run(), name="job-worker")
+        upkeep = asyncio.create_task(TokenUpkeep(tokens, bitrix, settings).run(), name="token-upkeep")
         try:
             yield AppState(service=service)
         finally:
-            task.cancel()
-            with suppress(asyncio.CancelledError):
-                await task
+            for background in (task, upkeep):
+                background.cancel()
+                with suppress(asyncio.CancelledError):
+                    await background
             await robots.close()
             await journal.close()
             await states.close()

@@ -66,9 +66,10 @@ async def oauth_callback(
     nonce: NonceCookie = None,
     code: str | None = None,
     state: str | None = None,
+    server_domain: str | None = None,
 ) -> HTMLResponse:
-    """OAuth redirect target: check state, exchange the code, store the tokens."""
-    record = await service.finish_login(code, state, nonce)
+    """OAuth redirect target: check state, exchange the code at the portal's server, store the tokens."""
+    record = await service.finish_login(code, state, nonce, server_domain)
     response = HTMLResponse(pages.message_page("Authorized", f"The app is connected to {record.domain}."))
     response.delete_cookie(NONCE_COOKIE)
     return response
@@ -80,10 +81,11 @@ async def app_page(
     nonce: NonceCookie = None,
     code: str | None = None,
     state: str | None = None,
+    server_domain: str | None = None,
 ) -> HTMLResponse:
     """The app's handler path: the OAuth callback when `code` is present, else the status page."""
     if code is not None or state is not None:
-        return await oauth_callback(service, nonce, code, state)
+        return await oauth_callback(service, nonce, code, state, server_domain)
     return HTMLResponse(pages.status_page(await service.status_report(None)))
 
 

@@ -166,6 +166,10 @@ class TokenResponse(_Wire):
     user_id: int | None = None
 
 
+# "The lifetime of `refresh_token` is 180 days" (b24restdocs settings/oauth/auto-renewal.md).
+REFRESH_TOKEN_LIFETIME = 180 * 86400.0
+
+
 class PortalTokens(BaseModel):
     """One portal's record in the token store."""
 
@@ -183,9 +187,30 @@ class PortalTokens(BaseModel):
     # Why the robot is not registered, in words an administrator can act on; None when it is.
     robot_problem: str | None = None
     updated_at: float = Field(default_factory=time.time)
+    # When the refresh token was issued (it dies 180 days later); None: at `updated_at` or before.
+    refresh_issued_at: float | None = None
+    # Set when the stored pair no longer works (the refresh was refused for good): the sentence
+    # health and the status page show. A new pair (refresh, robot call, install, login) clears it.
+    disconnected_reason: str | None = None
+    renamed_from: str | None = None  # the portal's previous host, after a rename the app followed
+    moved_to: str | None = None  # a new REST address the settings refused (BITRIX_PORTAL_URL pins the old)
 
     def expires_within(self, seconds: float) -> bool:
         return self.expires_at - time.time() < seconds
+
+    @property
+    def works(self) -> bool:
+        """Whether this pair can still be used and refreshed, as far as the app knows."""
+        usable = bool(self.access_token and self.refresh_token) and self.disconnected_reason is None
+        return usable and not self.refresh_expired()
+
+    def refresh_expired(self) -> bool:
+        """Past the refresh token's documented lifetime: the OAuth server no longer takes it."""
+        return self.refresh_age() >= REFRESH_TOKEN_LIFETIME
+
+    def refresh_age(self) -> float:
+        """Seconds since the refresh token was issued."""
+        return time.time() - (self.refresh_issued_at or self.updated_at)
 
     def with_tokens(self, reply: TokenResponse) -> "PortalTokens":
         """The record after a refresh; a reply without a refresh token keeps the old one."""
@@ -196,7 +221,10 @@ class PortalTokens(BaseModel):
                 "expires_at": expiry(reply.expires, reply.expires_in),
                 "scope": reply.scope or self.scope,
                 "user_id": reply.user_id if reply.user_id is not None else self.user_id,
+                "server_endpoint": reply.server_endpoint or self.server_endpoint,
                 "updated_at": time.time(),
+                "refresh_issued_at": time.time() if reply.refresh_token else self.refresh_issued_at,
+                "disconnected_reason": None,
             }
         )
 
@@ -241,6 +269,14 @@ class PortalStatus(BaseModel):
     can_refresh: bool
     robot_registered: bool
     robot_problem: str | None = None
+    # False when the stored pair no longer works; `disconnected_reason` then says why and what helps.
+    connected: bool = True
+    disconnected_reason: str | None = None
+    # Set while the newest tokens are only in memory because the token file cannot be written.
+    tokens_unsaved: str | None = None
+    renamed_from: str | None = None  # the previous host of a renamed portal the app followed
+    moved_to: str | None = None  # a new address refused because BITRIX_PORTAL_URL pins the old one
+    move_advice: str | None = None  # what to change then, in one sentence
 
 
 class RobotRun(BaseModel):

@@ -4,10 +4,18 @@
 several worker processes (`uvicorn --workers 4`) never lose each other's records, and goes through a
 temporary file, fsync and `os.replace`, so a crash leaves the old file or the new one, never half.
 A corrupt file is reported and never overwritten: it holds the only copy of the refresh tokens.
+Every OS error (a read-only folder, a full disk, a permission) becomes `TokenStoreError` naming the
+file and the cause.
+
+A pair the OAuth server has just rotated is never lost: if the file cannot take it, the store keeps
+it in memory (`get` returns it), keeps holding that portal's refresh lock so that no process
+refreshes with the dead token on disk, and writes it on a later `flush`.
 """
 
 import asyncio
+import errno
 import json
+import logging
 import os
 import tempfile
 import threading
@@ -21,12 +29,20 @@ from pydantic import ValidationError
 
 from schemas import PortalTokens
 
+logger = logging.getLogger(__name__)
+
 _FORMAT_VERSION = 1
 _LOCK_TIMEOUT = 30.0
 
 
 class TokenStoreError(Exception):
     """The token file exists but cannot be read or written."""
+
+
+def _os_error(path: Path, action: str, exc: OSError) -> TokenStoreError:
+    cause = exc.strerror or type(exc).__name__
+    code = f", {errno.errorcode[exc.errno]}" if exc.errno and exc.errno in errno.errorcode else ""
+    return TokenStoreError(f"The token file {path} cannot be {action}: {cause}{code}.")
 
 
 class TokenStore(Protocol):
@@ -37,6 +53,22 @@ class TokenStore(Protocol):
     async def save(self, record: PortalTokens) -> None: ...
 
     async def delete(self, member_id: str) -> None: ...
+
+    async def save_rotated(self, record: PortalTokens) -> None:
+        """Save a pair the OAuth server has just rotated; call it inside `refresh_lock`.
+
+        When the pair cannot be written it is kept: `get` returns it, the refresh lock stays held
+        until it is written, and `flush` retries. It is logged, and `unsaved` reports it.
+        """
+        ...
+
+    async def flush(self, member_id: str | None = None) -> None:
+        """Write the kept pairs (of one portal, or all); TokenStoreError while it still fails."""
+        ...
+
+    def unsaved(self) -> dict[str, str]:
+        """`member_id` -> why its newest tokens are only in memory."""
+        ...
 
     def refresh_lock(self, member_id: str) -> AbstractAsyncContextManager[None]:
         """Held while one portal's tokens are refreshed, across tasks and processes."""
@@ -55,6 +87,8 @@ class JsonTokenStore:
         self._thread_lock = threading.Lock()
         self._cache: tuple[tuple[int, int], Records] | None = None
         self._refresh_locks: dict[str, asyncio.Lock] = {}
+        self._kept: dict[str, tuple[PortalTokens, TokenStoreError]] = {}  # rotated, not yet on disk
+        self._held: dict[str, FileLock] = {}  # refresh locks held until the kept pair is on disk
 
     @property
     def path(self) -> Path:
@@ -62,10 +96,13 @@ class JsonTokenStore:
 
     async def get(self, member_id: str, *, fresh: bool = False) -> PortalTokens | None:
         """The portal's record; `fresh` bypasses the cache (another process may have written)."""
-        return (await self._records(fresh)).get(member_id)
+        return _newest(self._kept_record(member_id), (await self._records(fresh)).get(member_id))
 
     async def list(self) -> list[PortalTokens]:
-        return list((await self._records(False)).values())
+        records = dict(await self._records(False))
+        for member_id, (kept, _) in list(self._kept.items()):
+            records[member_id] = _newest(kept, records.get(member_id)) or kept
+        return list(records.values())
 
     async def _records(self, fresh: bool) -> Records:
         # Every robot call reads the store: an unchanged file is served from memory after one
@@ -82,9 +119,59 @@ class JsonTokenStore:
 
     async def save(self, record: PortalTokens) -> None:
         await asyncio.to_thread(self._mutate, lambda records: records.__setitem__(record.member_id, record))
+        self._settle(record.member_id, record)
 
     async def delete(self, member_id: str) -> None:
         await asyncio.to_thread(self._mutate, lambda records: records.pop(member_id, None))
+        self._settle(member_id, None)
+
+    async def save_rotated(self, record: PortalTokens) -> None:
+        try:
+            await self.save(record)
+        except TokenStoreError as exc:
+            self._kept[record.member_id] = (record, exc)
+            logger.error(
+                "%s The new tokens of portal %s are kept in memory and saved as soon as the file can "
+                "be written; until then no process refreshes them again.",
+                exc,
+                record.domain,
+            )
+
+    async def flush(self, member_id: str | None = None) -> None:
+        for key in [member_id] if member_id else list(self._kept):
+            kept = self._kept.get(key or "")
+            if kept is not None:
+                await self._flush_one(kept[0])
+
+    async def _flush_one(self, record: PortalTokens) -> None:
+        def put(records: Records) -> None:
+            # Unless another process has stored a later record meanwhile (a new install).
+            records[record.member_id] = _newest(record, records.get(record.member_id)) or record
+
+        try:
+            await asyncio.to_thread(self._mutate, put)
+        except TokenStoreError as exc:
+            self._kept[record.member_id] = (record, exc)
+            raise
+        self._settle(record.member_id, record)
+        logger.info("The kept tokens of portal %s are saved to %s", record.domain, self._path)
+
+    def unsaved(self) -> dict[str, str]:
+        return {member_id: str(error) for member_id, (_, error) in self._kept.items()}
+
+    def _kept_record(self, member_id: str) -> PortalTokens | None:
+        kept = self._kept.get(member_id)
+        return kept[0] if kept else None
+
+    def _settle(self, member_id: str, saved: PortalTokens | None) -> None:
+        """A write of the portal's record that supersedes its kept pair ends the keeping."""
+        kept = self._kept_record(member_id)
+        if kept is not None and saved is not None and saved.updated_at < kept.updated_at:
+            return  # a record read before the rotation: the kept pair is still the newest
+        self._kept.pop(member_id, None)
+        held = self._held.pop(member_id, None)
+        if held is not None:
+            held.release()
 
     def refresh_lock(self, member_id: str) -> AbstractAsyncContextManager[None]:
         return self._refresh_lock(member_id)
@@ -94,14 +181,20 @@ class JsonTokenStore:
         # The asyncio lock queues this process's tasks; the file lock queues other processes.
         local = self._refresh_locks.setdefault(member_id, asyncio.Lock())
         async with local:
-            lock = FileLock(
-                self._path.with_name(f"{self._path.name}.{member_id}.refresh.lock"), thread_local=False
-            )
-            await _acquire_polling(lock, member_id)
+            # Still held from a refresh whose pair is not on disk yet: this process owns it.
+            lock = self._held.pop(member_id, None)
+            if lock is None:
+                lock = FileLock(
+                    self._path.with_name(f"{self._path.name}.{member_id}.refresh.lock"), thread_local=False
+                )
+                await _acquire_polling(lock, self._path, member_id)
             try:
                 yield
             finally:
-                lock.release()
+                if member_id in self._kept:
+                    self._held[member_id] = lock
+                else:
+                    lock.release()
 
     def _read(self, fresh: bool) -> Records:
         with self._thread_lock:
@@ -116,12 +209,16 @@ class JsonTokenStore:
                 self._write(records)
         except Timeout as exc:
             raise TokenStoreError(f"Timed out waiting for the lock on {self._path}") from exc
+        except OSError as exc:
+            raise _os_error(self._path, "written", exc) from exc
 
     def _load(self, fresh: bool) -> Records:
         try:
             stat = self._path.stat()
         except FileNotFoundError:
             return {}
+        except OSError as exc:
+            raise _os_error(self._path, "read", exc) from exc
         signature = (stat.st_mtime_ns, stat.st_size)
         if not fresh and self._cache and self._cache[0] == signature:
             return self._cache[1]
@@ -139,7 +236,7 @@ class JsonTokenStore:
         self._cache = ((stat.st_mtime_ns, stat.st_size), records)
 
 
-async def _acquire_polling(lock: FileLock, member_id: str) -> None:
+async def _acquire_polling(lock: FileLock, path: Path, member_id: str) -> None:
     """Take the file lock without a blocked thread: a cancelled task must not leave one behind."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + _LOCK_TIMEOUT
@@ -149,16 +246,32 @@ async def _acquire_polling(lock: FileLock, member_id: str) -> None:
             return
         except Timeout:
             if loop.time() > deadline:
-                raise TokenStoreError(f"Timed out waiting for the refresh lock of {member_id}") from None
+                raise TokenStoreError(
+                    f"Timed out waiting for the refresh lock of portal {member_id} beside {path}: another "
+                    "process is refreshing, or holds new tokens it cannot save yet (see its log)."
+                ) from None
             await asyncio.sleep(0.02)
+        except OSError as exc:
+            raise _os_error(path, "locked for a refresh", exc) from exc
+
+
+def _newest(kept: PortalTokens | None, stored: PortalTokens | None) -> PortalTokens | None:
+    """The kept pair, unless the file holds a later record (another process installed anew)."""
+    if kept is None or (stored is not None and stored.updated_at > kept.updated_at):
+        return stored
+    return kept
 
 
 def _parse(path: Path) -> Records:
     try:
-        data = json.loads(path.read_text(encoding="utf-8") or "{}")
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise _os_error(path, "read", exc) from exc
+    try:
+        data = json.loads(raw.decode("utf-8") or "{}")
         portals = data.get("portals", {}) if data else {}
         return {key: PortalTokens.model_validate(value) for key, value in portals.items()}
-    except (OSError, ValueError, AttributeError, ValidationError) as exc:
+    except (ValueError, AttributeError, ValidationError) as exc:
         raise TokenStoreError(
             f"The token file {path} is unreadable ({type(exc).__name__}); the app will not "
             "overwrite it. Restore it from a backup, or move it away and install the app again."

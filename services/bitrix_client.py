@@ -7,16 +7,31 @@ before anything is replayed.
     BitrixError                        retryable?
     ├── BitrixTransportError           yes  connect/read timeout, connection reset
     ├── BitrixApiError                 no   the portal answered with an `error` envelope
-    │   ├── BitrixAuthError            no   NO_AUTH_FOUND, invalid_token, 401
+    │   ├── BitrixAuthError            no   NO_AUTH_FOUND, invalid_token, 401: re-authorize
     │   │   └── BitrixTokenExpired     no   expired_token: refresh once, replay once
+    │   ├── BitrixWrongAuthType        no   WRONG_AUTH_TYPE: the method wants another kind of auth
+    │   ├── BitrixInvalidCredentials   no   INVALID_CREDENTIALS: the token's user lacks the rights
+    │   ├── BitrixUserInactive         no   authorization_error: the installing user was deactivated
+    │   ├── BitrixAppNotInstalled      no   ERROR_OAUTH, APPLICATION_NOT_FOUND: the portal lost the app
+    │   ├── BitrixConfirmationPending  yes  METHOD_CONFIRM_WAITING (401): an administrator must allow it
+    │   ├── BitrixConfirmationDenied   no   METHOD_CONFIRM_DENIED
+    │   ├── BitrixPaymentRequired      no   PAYMENT_REQUIRED: the app's subscription ran out
+    │   ├── BitrixScopeMissing         no   insufficient_scope, ACCESS_DENIED about scope or plan
     │   ├── BitrixAccessDenied         no   ACCESS_DENIED (e.g. a workflow that is gone)
-    │   ├── BitrixRateLimitError       yes  QUERY_LIMIT_EXCEEDED (503), OPERATION_TIME_LIMIT (429)
+    │   ├── BitrixRateLimitError       yes  QUERY_LIMIT_EXCEEDED (503)
+    │   │   └── BitrixMethodLimited    yes  OPERATION_TIME_LIMIT (429): only at `resume_at`
     │   └── BitrixServerError          yes  5xx, unreadable replies
+    ├── PortalMoved                    yes  the portal was renamed and BITRIX_PORTAL_URL pins the old name
     ├── OAuthError                     no   the authorization server refused to issue tokens
     │   ├── OAuthInvalidGrant          no   invalid_grant: re-authorize at /oauth/login
     │   ├── OAuthInvalidClient         no   invalid_client, wrong_client: check the credentials
     │   └── OAuthPaymentRequired       no   PAYMENT_REQUIRED: renew the subscription
     └── PortalNotConnected             no   no usable tokens are stored for the portal
+
+An error with a `resume_at` is not retried within the request: the job worker reschedules it for
+that time (the portal's reset time of a method's time limit, say). Codes and meanings: b24restdocs
+`_includes/system-errors.md`, `api-reference/scopes/confirmation.md`, `settings/oauth/error-codes.md`,
+`settings/cloud-and-on-premise/on-premise/custom-auth-provider.md` (authorization_error, ERROR_OAUTH).
 """
 
 import asyncio
@@ -31,10 +46,15 @@ import httpx
 from pydantic import ValidationError
 
 from config import Settings
-from repositories.token_store import TokenStore
+from repositories.token_store import TokenStore, TokenStoreError
 from schemas import PortalTokens, TokenResponse
+from services import portal_moves
+from services.batch_refs import has_batch_reference
+from services.method_limits import MethodLimits
+from services.oauth_servers import token_endpoint
 from services.rate_limit import PortalRateLimiter
 from services.retry import RetryPolicy
+from services.trust import rest_base
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +70,7 @@ class BitrixError(Exception):
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.resume_at: float | None = None  # unix time before which trying again is pointless
 
 
 class BitrixTransportError(BitrixError):
@@ -77,6 +98,57 @@ class BitrixTokenExpired(BitrixAuthError):
     pass
 
 
+class BitrixWrongAuthType(BitrixApiError):
+    admin_hint = (
+        "The method refuses this kind of authorization (it needs the app's own OAuth context); "
+        "authorizing again will not help."
+    )
+
+
+class BitrixInvalidCredentials(BitrixApiError):
+    admin_hint = (
+        "The portal user whose token the app uses lacks the rights this method needs; give that user "
+        "the rights or reinstall the app as an administrator. Authorizing again as the same user "
+        "will not help."
+    )
+
+
+class BitrixUserInactive(BitrixApiError):
+    admin_hint = (
+        "The portal user who installed the app was deactivated; reinstall the app as an active administrator."
+    )
+
+
+class BitrixAppNotInstalled(BitrixApiError):
+    admin_hint = (
+        "The portal no longer knows this app (removed, or BITRIX_CLIENT_ID is another app's); "
+        "install it again."
+    )
+
+
+class BitrixConfirmationPending(BitrixApiError):
+    retryable = True
+    admin_hint = (
+        "A portal administrator must allow this method: confirm the app's request in the portal's "
+        "notifications; the app keeps trying."
+    )
+
+
+class BitrixConfirmationDenied(BitrixApiError):
+    admin_hint = "A portal administrator denied this method to the app; allow it in the portal."
+
+
+class BitrixPaymentRequired(BitrixApiError):
+    admin_hint = "The app's subscription or the portal's plan has run out; renew it in the portal."
+
+
+class BitrixScopeMissing(BitrixApiError):
+    admin_hint = (
+        "The app lacks a permission this method needs: give it the crm and bizproc scopes in the "
+        "portal's app settings and reinstall it (the REST API also needs a commercial plan)."
+    )
+
+
 class BitrixAccessDenied(BitrixApiError):
     admin_hint = "Access denied by the portal; check the app's scopes (crm, bizproc) and user rights."
 
@@ -84,6 +156,25 @@ class BitrixAccessDenied(BitrixApiError):
 class BitrixRateLimitError(BitrixApiError):
     retryable = True
     admin_hint = "The portal's REST rate limit was exceeded; the app retried and gave up."
+
+
+class BitrixMethodLimited(BitrixRateLimitError):
+    admin_hint = (
+        "The portal's time limit for this method (OPERATION_TIME_LIMIT) is used up; the app calls it "
+        "again when the portal resets it and goes on with other methods meanwhile."
+    )
+
+
+class PortalMoved(BitrixError):
+    """The portal answers from a new address that the settings do not allow."""
+
+    retryable = True
+    admin_hint = "The portal has a new address; see the log for the setting to change."
+
+    def __init__(self, message: str, new_url: str) -> None:
+        super().__init__(message)
+        self.new_url = new_url
+        self.resume_at = time.time() + 300.0  # nothing changes until an administrator acts
 
 
 class BitrixServerError(BitrixApiError):
@@ -114,8 +205,28 @@ class PortalNotConnected(BitrixError):
     admin_hint = "The app holds no tokens for this portal; install the app or open /oauth/login."
 
 
-_AUTH_CODES = {"NO_AUTH_FOUND", "INVALID_TOKEN", "INVALID_CREDENTIALS", "WRONG_AUTH_TYPE"}
-_RATE_CODES = {"QUERY_LIMIT_EXCEEDED", "OPERATION_TIME_LIMIT", "OVERLOAD_LIMIT"}
+_DEAD_REFRESH = (
+    "The authorization server refused its refresh token (invalid_grant): unused for 180 days, "
+    "revoked, or already used by an older copy of the token file"
+)
+_AUTH_CODES = {"NO_AUTH_FOUND", "INVALID_TOKEN"}
+_RATE_CODES = {"QUERY_LIMIT_EXCEEDED", "OVERLOAD_LIMIT"}
+# Codes whose meaning does not depend on the HTTP status (checked before the status is looked at).
+_CODE_CLASSES: dict[str, type[BitrixApiError]] = {
+    "EXPIRED_TOKEN": BitrixTokenExpired,
+    "WRONG_AUTH_TYPE": BitrixWrongAuthType,
+    "INVALID_CREDENTIALS": BitrixInvalidCredentials,
+    "AUTHORIZATION_ERROR": BitrixUserInactive,
+    "ERROR_OAUTH": BitrixAppNotInstalled,
+    "APPLICATION_NOT_FOUND": BitrixAppNotInstalled,
+    "METHOD_CONFIRM_WAITING": BitrixConfirmationPending,
+    "METHOD_CONFIRM_DENIED": BitrixConfirmationDenied,
+    "PAYMENT_REQUIRED": BitrixPaymentRequired,
+    "INSUFFICIENT_SCOPE": BitrixScopeMissing,
+    "OPERATION_TIME_LIMIT": BitrixMethodLimited,
+}
+# ACCESS_DENIED is reused by many methods; these texts mean the app's permissions or plan.
+_SCOPE_TEXTS = ("scope", "commercial plan", "higher privileges")
 _PERMANENT_CODES = {"PORTAL_DELETED"}  # a 500 that no retry will fix
 _SERVER_CODES = {"INTERNAL_SERVER_ERROR", "ERROR_UNEXPECTED_ANSWER"}
 _OAUTH_ERRORS: dict[str, type[OAuthError]] = {
@@ -130,8 +241,10 @@ def api_error(status_code: int, error: str, description: str, method: str) -> Bi
     """The typed error for one error envelope: the body's code first, then the HTTP status."""
     code = error.upper()
     cls: type[BitrixApiError]
-    if code == "EXPIRED_TOKEN":
-        cls = BitrixTokenExpired
+    if code in _CODE_CLASSES:
+        cls = _CODE_CLASSES[code]
+    elif code == "ACCESS_DENIED" and any(text in description.lower() for text in _SCOPE_TEXTS):
+        cls = BitrixScopeMissing
     elif code in _AUTH_CODES or (status_code == 401 and not code):
         cls = BitrixAuthError
     elif code in _RATE_CODES or (status_code in (429, 503) and not code):
@@ -145,6 +258,13 @@ def api_error(status_code: int, error: str, description: str, method: str) -> Bi
     else:
         cls = BitrixApiError
     return cls(status_code, error, description, method)
+
+
+def action_hint(error: BitrixError) -> str:
+    """The admin hint of a classified portal error, after a space; "" for an unclassified one."""
+    if type(error) in (BitrixApiError, BitrixServerError):
+        return ""
+    return f" {error.admin_hint}"
 
 
 def php_query(params: Mapping[str, Any]) -> str:
@@ -178,7 +298,10 @@ class BatchResult:
     """Per-command outcome of a `batch` call: errors never fail the neighbours."""
 
     results: dict[str, Any] = field(default_factory=dict)
-    errors: dict[str, BitrixApiError] = field(default_factory=dict)
+    errors: dict[str, BitrixError] = field(default_factory=dict)
+
+
+Commands = Mapping[str, tuple[str, Mapping[str, Any]]]
 
 
 class BitrixClient:
@@ -192,6 +315,7 @@ class BitrixClient:
         limiter: PortalRateLimiter,
         policy: RetryPolicy | None = None,
         sleep: Sleep = asyncio.sleep,
+        limits: MethodLimits | None = None,
     ) -> None:
         self._http = http
         self._tokens = tokens
@@ -199,6 +323,7 @@ class BitrixClient:
         self._limiter = limiter
         self._policy = policy or RetryPolicy()
         self._sleep = sleep
+        self.limits = limits or MethodLimits()
 
     async def call(self, member_id: str, method: str, params: Mapping[str, Any] | None = None) -> Any:
         """Call `method` on an installed portal with its stored token.
@@ -209,6 +334,7 @@ class BitrixClient:
         Raises:
             PortalNotConnected: no tokens are stored for `member_id`.
             OAuthError: a needed refresh was refused.
+            BitrixMethodLimited: the method is blocked by the portal's time limit (not sent).
             BitrixError: the call failed after the retry policy gave up.
         """
         record = await self._usable_record(member_id)
@@ -217,6 +343,12 @@ class BitrixClient:
         except BitrixTokenExpired:
             record = await self._refresh(member_id, stale_token=record.access_token)
             return await self._call_with_retry(record, method, params or {})
+        except BitrixAuthError as exc:
+            # Revoked: the pair no longer works, and the portal's next robot call may replace it.
+            async with self._tokens.refresh_lock(member_id):
+                reason = f"The portal refused its token ({exc})"
+                await self._disconnect(member_id, record.access_token, reason)
+            raise
 
     async def call_with_token(
         self, client_endpoint: str, access_token: str, method: str, params: Mapping[str, Any] | None = None
@@ -231,30 +363,93 @@ class BitrixClient:
         )
         return await self._call_with_retry(record, method, params or {})
 
-    async def batch(
-        self, member_id: str, commands: Mapping[str, tuple[str, Mapping[str, Any]]]
-    ) -> BatchResult:
+    async def batch(self, member_id: str, commands: Commands) -> BatchResult:
         """Run up to 50 commands in one request; each command succeeds or fails on its own.
+
+        A command whose method is blocked by the portal's time limit is not sent (its error is a
+        `BitrixMethodLimited`); a command holding a value `batch` would rewrite (`$result[...]`,
+        see `services.batch_refs`) is sent on its own request.
 
         Raises:
             BitrixError: the batch request itself failed (as for `call`).
         """
+        outcome = BatchResult()
+        alone = {key: c for key, c in commands.items() if has_batch_reference(c[1])}
+        together = self._admit(member_id, {k: c for k, c in commands.items() if k not in alone}, outcome)
+        try:
+            if together:
+                await self._batch_request(member_id, together, outcome)
+        except BitrixMethodLimited:
+            alone.update(together)  # `batch` itself is blocked: send its commands one by one
+        finally:
+            for method in {method for method, _ in together.values()}:
+                self.limits.settle(member_id, method)
+        for key, (method, params) in alone.items():
+            await self._call_alone(member_id, key, method, params, outcome)
+        return outcome
+
+    def _admit(self, member_id: str, commands: Commands, outcome: BatchResult) -> dict[str, Any]:
+        """The commands that may be sent now; the others get their method's `BitrixMethodLimited`.
+
+        Past a block's reset time the first command of the method is its probe and the rest of the
+        method waits for the probe's outcome (`MethodLimits.check` says so for every later command).
+        """
+        admitted: dict[str, Any] = {}
+        for key, (method, params) in commands.items():
+            blocked = self.limits.check(member_id, method)
+            if blocked is None:
+                admitted[key] = (method, params)
+            else:
+                outcome.errors[key] = _limited(method, blocked.until)
+        return admitted
+
+    async def _batch_request(self, member_id: str, commands: Commands, outcome: BatchResult) -> None:
         cmd = {key: f"{method}?{php_query(params)}" for key, (method, params) in commands.items()}
         reply = await self.call(member_id, "batch", {"halt": 0, "cmd": cmd})
-        return _batch_result(reply, {key: method for key, (method, _) in commands.items()})
+        methods = {key: method for key, (method, _) in commands.items()}
+        _batch_result(reply, methods, outcome)
+        self._observe_batch(member_id, reply, methods, outcome)
 
-    async def exchange_code(self, code: str) -> TokenResponse:
-        """Exchange an authorization code at the OAuth server (`BITRIX_OAUTH_URL` only).
+    def _observe_batch(
+        self, member_id: str, reply: Any, methods: Mapping[str, str], outcome: BatchResult
+    ) -> None:
+        """Each command inside `batch` counts against its own method's time limit (limits.md)."""
+        times = reply.get("result_time") if isinstance(reply, dict) else None
+        for key, method in methods.items():
+            error = outcome.errors.get(key)
+            if isinstance(error, BitrixMethodLimited):
+                error.resume_at = self.limits.block(member_id, method)
+            elif error is None:  # it ran, so it is not blocked, with or without figures
+                self.limits.observe(member_id, method, times.get(key) if isinstance(times, dict) else None)
+
+    async def _call_alone(
+        self, member_id: str, key: str, method: str, params: Mapping[str, Any], outcome: BatchResult
+    ) -> None:
+        try:
+            outcome.results[key] = await self.call(member_id, method, params)
+        except (PortalNotConnected, OAuthError):
+            raise  # as the whole batch would: nothing can be sent for this portal
+        except BitrixError as exc:
+            outcome.errors[key] = exc
+
+    async def exchange_code(self, code: str, server_domain: str | None = None) -> TokenResponse:
+        """Exchange an authorization code at the portal's authorization server.
+
+        `server_domain` (from the OAuth redirect) is used only when it is `oauth.bitrix.info`,
+        `oauth.bitrix24.tech` or the host of `BITRIX_OAUTH_URL` (`services.oauth_servers`).
 
         Raises:
             OAuthError: the server refused the code or the client credentials.
         """
-        return await self._token_request({"grant_type": "authorization_code", "code": code})
+        grant = {"grant_type": "authorization_code", "code": code}
+        return await self._token_request(grant, token_endpoint(self._settings, server_domain))
 
     async def _usable_record(self, member_id: str) -> PortalTokens:
         record = await self._tokens.get(member_id)
         if record is None or not record.access_token:
             raise PortalNotConnected(f"No tokens stored for portal {member_id}")
+        if record.disconnected_reason:
+            raise PortalNotConnected(f"Portal {record.domain} is disconnected: {record.disconnected_reason}")
         if record.expires_within(self._settings.token_refresh_margin_seconds):
             return await self._refresh(member_id, stale_token=record.access_token)
         return record
@@ -264,40 +459,78 @@ class BitrixClient:
         async with self._tokens.refresh_lock(member_id):
             # Another task or worker process may have refreshed while we waited for the lock.
             record = await self._tokens.get(member_id, fresh=True)
-            if record is None or not record.refresh_token:
-                raise PortalNotConnected(f"No refresh token stored for portal {member_id}")
+            if record is None or not record.refresh_token or record.disconnected_reason:
+                reason = record.disconnected_reason if record else None
+                raise PortalNotConnected(reason or f"No refresh token stored for portal {member_id}")
             margin = self._settings.token_refresh_margin_seconds
             if record.access_token != stale_token and not record.expires_within(margin):
                 return record
+            # A rotated pair not yet on disk is never rotated again: a crash would lose both.
+            await self._tokens.flush(member_id)
             logger.info("Refreshing the access token of portal %s", record.domain)
             try:
                 reply = await self._token_request(
-                    {"grant_type": "refresh_token", "refresh_token": record.refresh_token}
+                    {"grant_type": "refresh_token", "refresh_token": record.refresh_token},
+                    token_endpoint(self._settings, record.server_endpoint),
                 )
             except OAuthError as exc:
                 logger.error(
                     "Refreshing the token of portal %s failed: %s. %s", record.domain, exc, exc.admin_hint
                 )
+                if isinstance(exc, OAuthInvalidGrant):
+                    await self._disconnect(member_id, record.access_token, _DEAD_REFRESH)
                 raise
-            updated = record.with_tokens(reply)
-            # Persist before replaying: the old refresh token is already dead on the server.
-            await self._tokens.save(updated)
-            logger.info("Access token of portal %s refreshed", record.domain)
+            updated = self._moved_by_refresh(record, reply).with_tokens(reply)
+            # Persist before replaying: the old refresh token is already dead on the server. If the
+            # disk refuses, the store keeps the pair in memory and saves it later; it is not lost.
+            await self._tokens.save_rotated(updated)
+            logger.info("Access token of portal %s refreshed", updated.domain)
             return updated
 
-    async def _token_request(self, grant: Mapping[str, str]) -> TokenResponse:
+    async def _disconnect(self, member_id: str, refused_token: str | None, reason: str) -> None:
+        """Record (under the refresh lock) that the stored pair no longer works, unless replaced meanwhile."""
+        record = await self._tokens.get(member_id, fresh=True)
+        if record is None or record.access_token != refused_token or record.disconnected_reason:
+            return
+        reason = f"{reason}. The portal's next robot call reconnects it, or open /oauth/login."
+        logger.error("Portal %s is disconnected: %s", record.domain, reason)
+        try:
+            await self._tokens.save(record.model_copy(update={"disconnected_reason": reason}))
+        except TokenStoreError as exc:
+            logger.error("%s", exc)
+
+    async def renew(self, member_id: str, stale_token: str | None) -> PortalTokens:
+        """Refresh now, unless another task or process has refreshed since `stale_token` was read.
+
+        Raises:
+            PortalNotConnected, OAuthError, BitrixError: as for `call`.
+            TokenStoreError: the token file cannot be read, or a kept pair cannot be saved yet.
+        """
+        return await self._refresh(member_id, stale_token)
+
+    def _moved_by_refresh(self, record: PortalTokens, reply: TokenResponse) -> PortalTokens:
+        """A refresh reply names the portal's current address (`client_endpoint`): follow a rename."""
+        if reply.member_id != record.member_id or rest_base(reply.client_endpoint) == rest_base(
+            record.client_endpoint
+        ):
+            return record
+        try:
+            return portal_moves.moved_record(self._settings, record, reply.client_endpoint)
+        except portal_moves.MoveRefused:
+            return record.model_copy(update={"moved_to": rest_base(reply.client_endpoint)})
+
+    async def _token_request(self, grant: Mapping[str, str], url: str) -> TokenResponse:
         secret = self._settings.bitrix_client_secret
         if not self._settings.bitrix_client_id or secret is None:
             raise OAuthInvalidClient(
                 0, "not_configured", "BITRIX_CLIENT_ID or BITRIX_CLIENT_SECRET is not set"
             )
-        # The secret goes in a POST body, to the configured server only, never into a URL.
+        # The secret goes in a POST body, to an allowed authorization server only, never into a URL.
         body = {
             **grant,
             "client_id": self._settings.bitrix_client_id,
             "client_secret": secret.get_secret_value(),
         }
-        url = self._settings.token_endpoint
         try:
             response = await self._http.post(url, data=body)
         except httpx.HTTPError as exc:
@@ -310,7 +543,8 @@ class BitrixClient:
             try:
                 return await self._send(record, method, params)
             except BitrixError as exc:
-                if not self._policy.should_retry(exc, attempt):
+                # An error with a resume time is for the job worker to reschedule, not to hammer now.
+                if exc.resume_at is not None or not self._policy.should_retry(exc, attempt):
                     raise
                 delay = self._policy.delay(attempt, exc.retry_after)
                 logger.warning("%s failed (%s); retry %d in %.1fs", method, exc, attempt + 1, delay)
@@ -318,19 +552,75 @@ class BitrixClient:
                 attempt += 1
 
     async def _send(self, record: PortalTokens, method: str, params: Mapping[str, Any]) -> Any:
-        """One HTTP request to the portal, mapped to a result or a typed error."""
-        url = record.client_endpoint.rstrip("/") + "/" + method
+        """One HTTP request to the portal (following a rename), mapped to a result or a typed error."""
+        member = record.member_id
+        blocked = self.limits.check(member, method)
+        if blocked is not None:
+            raise _limited(method, blocked.until)
+        pace = self.limits.pace(member, method)
+        if pace:
+            await self._sleep(pace)  # near the method's time limit: slow down before the portal blocks it
+        try:
+            response = await self._post(record, method, params)
+            result, block = _envelope_result(response, method)
+        except BitrixMethodLimited as exc:
+            exc.resume_at = self.limits.block(member, method)
+            raise
+        finally:
+            self.limits.settle(member, method)
+        self.limits.observe(member, method, block)
+        return result
+
+    async def _post(self, record: PortalTokens, method: str, params: Mapping[str, Any]) -> httpx.Response:
+        # The token travels in the JSON body, so the URL we log carries no secret.
+        body = {**params, "auth": record.access_token}
+        response = await self._post_once(record.client_endpoint, method, body)
+        if response.is_redirect and "location" in response.headers:
+            # A renamed portal answers 302 from its old address; the POST must be sent again with
+            # its body (settings/how-to-call-rest-api/change-domen.md), not turned into a GET.
+            moved = await self._follow_move(record, response.headers["location"])
+            response = await self._post_once(moved.client_endpoint, method, body)
+        return response
+
+    async def _post_once(self, endpoint: str, method: str, body: Mapping[str, Any]) -> httpx.Response:
+        url = endpoint.rstrip("/") + "/" + method
         await self._limiter.acquire(urlsplit(url).netloc)
         started = time.perf_counter()
         try:
-            # The token travels in the JSON body, so the URL we log carries no secret.
-            response = await self._http.post(url, json={**params, "auth": record.access_token})
+            response = await self._http.post(url, json=body, follow_redirects=False)
         except httpx.HTTPError as exc:
             raise BitrixTransportError(f"{method}: {type(exc).__name__} talking to {url}") from exc
         elapsed = (time.perf_counter() - started) * 1000
         logger.info("REST %s -> %d in %.0f ms", url, response.status_code, elapsed)
         logger.debug("REST %s reply: %s", method, response.text[:2000])
-        return _envelope_result(response, method)
+        return response
+
+    async def _follow_move(self, record: PortalTokens, location: str) -> PortalTokens:
+        """The portal's new address, stored, if the settings allow it; else PortalMoved."""
+        new_endpoint = portal_moves.endpoint_from_location(record.client_endpoint, location)
+        try:
+            moved = portal_moves.moved_record(self._settings, record, new_endpoint)
+        except portal_moves.MoveRefused as exc:
+            await self._remember_move(record.member_id, {"moved_to": rest_base(new_endpoint)})
+            raise PortalMoved(str(exc), exc.new_url) from exc
+        keys = ("domain", "client_endpoint", "renamed_from", "moved_to")
+        await self._remember_move(record.member_id, {key: getattr(moved, key) for key in keys})
+        return moved
+
+    async def _remember_move(self, member_id: str, update: dict[str, Any]) -> None:
+        if member_id == "-":  # a token being proven at install: no record to update yet
+            return
+        stored = await self._tokens.get(member_id)
+        if stored is not None:
+            await self._tokens.save(stored.model_copy(update=update))
+
+
+def _limited(method: str, until: float) -> BitrixMethodLimited:
+    error = BitrixMethodLimited(
+        429, "OPERATION_TIME_LIMIT", "blocked until the portal resets its time limit (not sent)", method
+    )
+    error.resume_at = until
+    return error
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -347,7 +637,8 @@ def _json_or_none(response: httpx.Response) -> Any:
         return None
 
 
-def _envelope_result(response: httpx.Response, method: str) -> Any:
+def _envelope_result(response: httpx.Response, method: str) -> tuple[Any, Any]:
+    """The `result` and the `time` block of a reply, or its typed error."""
     data = _json_or_none(response)
     if isinstance(data, dict) and "error" in data:
         error = api_error(
@@ -357,7 +648,7 @@ def _envelope_result(response: httpx.Response, method: str) -> Any:
         raise error
     if not isinstance(data, dict) or "result" not in data:
         raise BitrixServerError(response.status_code, "", "unreadable reply", method)
-    return data["result"]
+    return data["result"], data.get("time")
 
 
 def _token_reply(response: httpx.Response) -> TokenResponse:
@@ -374,8 +665,7 @@ def _token_reply(response: httpx.Response) -> TokenResponse:
         raise OAuthError(response.status_code, "invalid_response", "unexpected token reply") from exc
 
 
-def _batch_result(reply: Any, methods: Mapping[str, str]) -> BatchResult:
-    outcome = BatchResult()
+def _batch_result(reply: Any, methods: Mapping[str, str], outcome: BatchResult) -> None:
     body = reply if isinstance(reply, dict) else {}
     results = body.get("result") or {}
     errors = body.get("result_error") or {}
@@ -388,4 +678,3 @@ def _batch_result(reply: Any, methods: Mapping[str, str]) -> BatchResult:
             outcome.results[key] = results[key]
         else:
             outcome.errors[key] = BitrixServerError(500, "", "command missing from the batch reply", method)
-    return outcome

@@ -72,7 +72,8 @@ def _portals_section(portals: list[PortalStatus]) -> str:
         return ""
     rows = "".join(
         f"<tr><td>{escape(p.domain)}</td><td>{escape(p.member_id)}</td>"
-        f"<td>{'yes' if p.can_refresh else 'no'}</td><td>{p.token_valid_for_seconds}s</td>"
+        f"<td>{'yes' if p.connected else 'no: ' + escape(p.disconnected_reason or '')}</td>"
+        f"<td>{p.token_valid_for_seconds}s</td>"
         f"<td>{'yes' if p.robot_registered else escape(p.robot_problem or 'no')}</td></tr>"
         for p in portals
     )

@@ -14,6 +14,7 @@ from repositories.oauth_state_store import OAuthStateStore
 from repositories.token_store import TokenStore, TokenStoreError
 from schemas import (
     AppFrame,
+    EventAuth,
     Health,
     IframeInstall,
     InstallEvent,
@@ -43,12 +44,15 @@ from services.errors import (
     UpstreamUnavailable,
 )
 from services.observability import portal_var, register_secret, workflow_var
+from services.portal_moves import move_advice
 from services.robot_registration import Outcome, RobotRegistration
 from services.trust import allowed_portal, verify_callback
 
 logger = logging.getLogger(__name__)
 
 STATE_TTL_SECONDS = 600.0
+_RECONNECT = "The portal's next robot call reconnects it, or open /oauth/login."
+_KEPT = "The newest tokens of portal {} are kept in memory until the file can be written."
 
 
 @dataclass(frozen=True)
@@ -217,7 +221,11 @@ class ProcessingService:
         raise BadRequest("Set BITRIX_PORTAL_URL, or open /oauth/login?domain=your-portal.bitrix24.ru")
 
     async def finish_login(
-        self, code: str | None, state: str | None, browser_nonce: str | None
+        self,
+        code: str | None,
+        state: str | None,
+        browser_nonce: str | None,
+        server_domain: str | None = None,
     ) -> PortalTokens:
         """OAuth callback: check `state`, exchange `code`, store the tokens."""
         if not state:
@@ -230,7 +238,7 @@ class ProcessingService:
         register_secret(code)
         self._require_configured()
         try:
-            reply = await self._bitrix.exchange_code(code)
+            reply = await self._bitrix.exchange_code(code, server_domain)
         except OAuthError as exc:
             raise InstallRejected(
                 f"The authorization server refused the code: {exc}. {exc.admin_hint}"
@@ -266,6 +274,8 @@ class ProcessingService:
         portal_var.set(call.auth.domain)
         workflow_var.set(call.workflow_id or "-")
         record = verify_callback(self._settings, await self._tokens.get(call.auth.member_id), call.auth)
+        if not record.works:
+            record = await self._heal(record, call.auth)
         job_id, created = await self._journal.add(self._new_job(call, record))
         if not created:
             logger.info("Robot call delivered again; job %d already has it", job_id)
@@ -273,6 +283,31 @@ class ProcessingService:
         self._wake_worker()
         logger.info("Robot call accepted as job %d", job_id)
         return RobotAck(status="accepted", job_id=job_id)
+
+    async def _heal(self, record: PortalTokens, auth: EventAuth) -> PortalTokens:
+        """The authenticated call's fresh pair replaces a stored pair that no longer works."""
+        if not auth.access_token or not auth.refresh_token:
+            return record
+        register_secret(auth.access_token, auth.refresh_token)
+        now = time.time()
+        healed = record.model_copy(
+            update={
+                "access_token": auth.access_token,
+                "refresh_token": auth.refresh_token,
+                "expires_at": expiry(auth.expires, auth.expires_in),
+                "refresh_issued_at": now,
+                "updated_at": now,
+                "disconnected_reason": None,
+            }
+        )
+        try:
+            await self._tokens.save(healed)
+        except TokenStoreError as exc:
+            # The call itself is still accepted: the next one brings another pair.
+            logger.error("%s The robot call's tokens could not reconnect the portal.", exc)
+            return record
+        logger.info("Portal %s reconnected with the tokens of an authentic robot call", record.domain)
+        return healed
 
     def _new_job(self, call: RobotCall, record: PortalTokens) -> NewJob:
         budget = self._settings.job_retry_budget_seconds
@@ -304,11 +339,12 @@ class ProcessingService:
     async def health(self) -> Health:
         """Whether a portal is connected, the robot registered, and how the queue stands."""
         portals, store_error = await self._portal_statuses()
+        unsaved = [p.tokens_unsaved for p in portals if p.tokens_unsaved]
         return Health(
-            portal_connected=any(p.can_refresh for p in portals),
+            portal_connected=any(p.connected for p in portals),
             robot_registered=any(p.robot_registered for p in portals),
             missing_settings=self._settings.missing(),
-            token_store_error=store_error,
+            token_store_error=store_error or (unsaved[0] if unsaved else None),
             queue=await self._journal.stats(),
         )
 
@@ -330,9 +366,11 @@ class ProcessingService:
 
     async def _portal_statuses(self) -> tuple[list[PortalStatus], str | None]:
         try:
-            return [_portal_status(record) for record in await self._tokens.list()], None
+            records = await self._tokens.list()
         except TokenStoreError as exc:
             return [], str(exc)
+        unsaved = self._tokens.unsaved()
+        return [_portal_status(record, unsaved.get(record.member_id)) for record in records], None
 
     # --- helpers -------------------------------------------------------------------------------
 
@@ -342,14 +380,25 @@ class ProcessingService:
             raise NotConfigured(f"Set {', '.join(missing)} (in .env or the environment) and restart the app.")
 
 
-def _portal_status(record: PortalTokens) -> PortalStatus:
+def _portal_status(record: PortalTokens, unsaved: str | None) -> PortalStatus:
+    reason = record.disconnected_reason
+    if not reason and record.refresh_expired():
+        reason = "Its refresh token is over 180 days old and has expired. " + _RECONNECT
+    elif not reason and not record.works:
+        reason = "No usable tokens are stored. " + _RECONNECT
     return PortalStatus(
         member_id=record.member_id,
         domain=record.domain,
         token_valid_for_seconds=max(0, int(record.expires_at - time.time())),
-        can_refresh=bool(record.refresh_token),
+        can_refresh=bool(record.refresh_token) and record.works,
         robot_registered=record.robot_registered_at is not None,
+        connected=record.works,
+        disconnected_reason=reason,
+        tokens_unsaved=f"{unsaved} {_KEPT.format(record.domain)}" if unsaved else None,
         robot_problem=record.robot_problem,
+        renamed_from=record.renamed_from,
+        moved_to=record.moved_to,
+        move_advice=move_advice(record),
     )
 
 
@@ -366,5 +415,8 @@ def _with_event_tokens(record: PortalTokens, event: UpdateEvent) -> PortalTokens
             "expires_at": expiry(auth.expires, auth.expires_in),
             "server_endpoint": auth.server_endpoint or record.server_endpoint,
             "updated_at": time.time(),
+            # A fresh refresh token makes a dead pair work again.
+            "refresh_issued_at": time.time() if auth.refresh_token else record.refresh_issued_at,
+            "disconnected_reason": None if auth.refresh_token else record.disconnected_reason,
         }
     )

@@ -1,5 +1,6 @@
 """Who may talk to the app: which portals may install it, and which callbacks are authentic."""
 
+import logging
 import re
 import secrets
 from functools import lru_cache
@@ -8,6 +9,8 @@ from urllib.parse import urlsplit
 from config import Settings
 from schemas import EventAuth, PortalTokens
 from services.errors import ForeignPortal, InvalidApplicationToken, UnknownPortal
+
+logger = logging.getLogger(__name__)
 
 # Bitrix24 cloud portals live on <name>.bitrix24.<zone>; anything else must be configured.
 _CLOUD = re.compile(
@@ -47,9 +50,34 @@ def verify_callback(settings: Settings, record: PortalTokens | None, auth: Event
     stored = record.application_token or ""
     if not secrets.compare_digest(stored.encode(), auth.application_token.encode()) or not stored:
         raise InvalidApplicationToken("The application_token does not match the one stored at install.")
-    same_host = auth.domain.strip().lower() == record.domain.lower()
-    if not same_host or rest_base(auth.client_endpoint) != rest_base(record.client_endpoint):
-        raise ForeignPortal("The callback names another portal than the one that installed the app.")
+    host = auth.domain.strip().lower()
+    if host != record.domain.lower() or rest_base(auth.client_endpoint) != rest_base(record.client_endpoint):
+        _renamed_portal(settings, record, host, auth.client_endpoint)
     if settings.portal_host and record.domain.lower() != settings.portal_host:
         raise ForeignPortal("The callback comes from a portal other than BITRIX_PORTAL_URL.")
     return record
+
+
+def _renamed_portal(settings: Settings, record: PortalTokens, host: str, client_endpoint: str) -> None:
+    """An authentic call (member_id and application_token match) from another address.
+
+    A renamed portal keeps its member_id and application_token and calls from its new address
+    (settings/how-to-call-rest-api/change-domen.md), so the call is accepted when that address is
+    one the app would accept at install. Nothing here changes where the app sends its requests:
+    those still go to the stored address, which the portal redirects (services.portal_moves).
+    """
+    if settings.portal_host and host != settings.portal_host:
+        logger.error(
+            "Portal %s (member_id %s) now calls from %s, but BITRIX_PORTAL_URL=%s pins the old address: "
+            "if the portal was renamed, set BITRIX_PORTAL_URL=https://%s and restart the app.",
+            record.domain,
+            record.member_id,
+            host[:255],
+            settings.bitrix_portal_url,
+            host[:255],
+        )
+        raise ForeignPortal("The callback comes from a portal other than BITRIX_PORTAL_URL.")
+    try:
+        allowed_portal(settings, host, client_endpoint)
+    except ForeignPortal as exc:
+        raise ForeignPortal("The callback names another portal than the one that installed the app.") from exc

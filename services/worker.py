@@ -22,7 +22,7 @@ from filelock import FileLock, Timeout
 from config import Settings
 from repositories.job_journal import Job, JobJournal, JobState
 from services import find_or_create
-from services.bitrix_client import BatchResult, BitrixAccessDenied, BitrixClient, BitrixError
+from services.bitrix_client import BatchResult, BitrixAccessDenied, BitrixClient, BitrixError, action_hint
 from services.contact_matching import request_fields
 from services.contact_validation import InvalidContactData
 from services.observability import portal_var, workflow_var
@@ -350,6 +350,8 @@ class _Writes:
 
     def retry(self, job: Job, error: BitrixError, policy: RetryPolicy) -> None:
         delay = policy.delay(job.attempts, error.retry_after)
+        if error.resume_at is not None:  # e.g. a method blocked until the portal resets its time limit
+            delay = max(0.0, error.resume_at - time.time())
         self.retries.append((job.id, delay, str(error)))
         _set_context(job)
         logger.warning("Job %d: %s; retry in %.1fs", job.id, error, delay)
@@ -426,4 +428,4 @@ def _answer_params(job: Job) -> dict[str, Any]:
 
 def _portal_refused(error: BitrixError) -> str:
     detail = getattr(error, "description", "") or str(error)
-    return f"The portal refused to create the contact: {detail}"
+    return f"The portal refused to create the contact: {detail}{action_hint(error)}"

@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import copy
 import json
+import math
 import re
 import secrets
 import signal
@@ -54,7 +55,11 @@ _CODE_RE = re.compile(r"[A-Za-z0-9._-]+")
 _PROPERTY_KEY_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 _EMAIL_RE = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
 _BRACKET_RE = re.compile(r"\[([^\]]*)\]")
-_RESULT_REF_RE = re.compile(r"\$result\[([^\]]+)\]((?:\[[^\]]*\])*)")
+# The core's batch reference (`CRestUtil::processBatchElement`, rest/classes/general/rest_util.php):
+# `$` + one of the batch's result arrays, case-insensitive, then any non-space text as the path.
+_BATCH_REF_RE = re.compile(r"\$(result|next|total|time|error)([^\s]*)", re.IGNORECASE)
+_BATCH_KEY_RE = re.compile(r"\$()([^\s]*)", re.IGNORECASE)  # keys: `$keysCache` is '' for them
+_PATH_RE = re.compile(r"\[([^\]]+)\]")
 _MULTIFIELDS = ("PHONE", "EMAIL", "WEB", "IM")
 _CONTACT_KEYS = (
     "HONORIFIC", "NAME", "SECOND_NAME", "LAST_NAME", "PHOTO", "LEAD_ID", "TYPE_ID", "SOURCE_ID",
@@ -159,18 +164,56 @@ class FakePortalConfig:
     client_secret: str = "test-client-secret-0000000000000000000000000000"
     member_id: str = "a223c6b3710f85df22e9377d6c4f7553"  # 32 hex
     access_ttl: float = 3600.0  # seconds an access token lives
+    # A refresh token lives 180 days from its issue, then the server answers invalid_grant
+    # (b24restdocs settings/oauth/auto-renewal.md: "The lifetime of `refresh_token` is 180 days").
+    refresh_ttl: float = 180 * 86400.0
     code_ttl: float = 30.0
     strict_refresh: bool = True  # an old refresh token dies when rotated
     rate_burst: int | None = 50  # leaky bucket X; None disables rate limiting
     rate_drain: float = 2.0  # leaky bucket Y per second
     redirect_uri: str = "http://127.0.0.1:8000/app"  # where /oauth/authorize/ redirects
     admin_user_id: int = 1
+    # Per-method time limit (limits.md, "Resource Intensity Limits"): seconds of `operating` per
+    # method in a sliding window of ten buckets; None = no limit (the on-premise default).
+    operating_limit: float | None = None
+    operating_window: float = 600.0  # 10 one-minute buckets; tests shrink it
+    operating_costs: dict[str, float] = field(default_factory=dict)  # seconds a call costs; else real time
+    # The public address the portal claims (`https://b24-x.bitrix24.ru`) while it listens on 127.0.0.1;
+    # tests route that host to `bound_url` at the transport. None: the 127.0.0.1 address itself.
+    public_url: str | None = None
+    # The authorization server of the portal's region (`https://oauth.bitrix24.tech` for ru, by, kz,
+    # uz, am, az, ge, kg; `https://oauth.bitrix.info` otherwise; settings/oauth/index.md). None: this
+    # same server answers /oauth/token/ at the portal's own address, as before.
+    oauth_url: str | None = None
     # Automation rules on the portal's plan. Without them the core does not register
     # bizproc.robot.* (nor bizproc.event.send and bizproc.activity.log when business processes
     # are off too), so calling them gives ERROR_METHOD_NOT_FOUND: bizproc/lib/restservice.php,
     # onRestServiceBuildDescription(), which maps these methods only when
     # Feature::isFeatureEnabled('bizproc' | 'crm_automation_deal' | ...) says so.
     automation_rules: bool = True
+
+
+# Error replies a portal gives for its app's authorization and permissions, by code: (HTTP status,
+# error_description). Sources: `_includes/system-errors.md` (INVALID_CREDENTIALS, ACCESS_DENIED,
+# insufficient_scope, OPERATION_TIME_LIMIT); `api-reference/widgets/placement-bind.md`
+# (WRONG_AUTH_TYPE); `api-reference/scopes/confirmation.md` (METHOD_CONFIRM_*);
+# `settings/cloud-and-on-premise/on-premise/custom-auth-provider.md` (authorization_error,
+# ERROR_OAUTH "Application not installed"); `settings/oauth/error-codes.md` (PAYMENT_REQUIRED; on
+# REST the core's CRestServer::STATUS_PAYMENT_REQUIRED is 402). APPLICATION_NOT_FOUND is named by
+# issue #9 without a documented reply: 401, like the core's other authorization failures.
+PORTAL_ERRORS: dict[str, tuple[int, str]] = {
+    "WRONG_AUTH_TYPE": (403, "Current authorization type is denied for this method"),
+    "INVALID_CREDENTIALS": (403, "Invalid request credentials"),
+    "authorization_error": (401, "Unable to authorize user"),
+    "ERROR_OAUTH": (401, "Application not installed"),
+    "APPLICATION_NOT_FOUND": (401, "Application not found"),
+    "METHOD_CONFIRM_WAITING": (401, "Waiting for confirmation"),
+    "METHOD_CONFIRM_DENIED": (403, "Method call denied"),
+    "PAYMENT_REQUIRED": (402, "Payment required"),
+    "insufficient_scope": (403, "The request requires higher privileges than provided by the webhook token"),
+    "ACCESS_DENIED": (403, "REST API is available only on commercial plans"),
+    "OPERATION_TIME_LIMIT": (429, "Method is blocked due to operation time limit."),
+}
 
 
 class PortalError(Exception):
@@ -282,7 +325,7 @@ class _State:
         self.url = ""
         self.app_token = secrets.token_hex(16)
         self.access: dict[str, _Grant] = {}
-        self.refresh: dict[str, int] = {}
+        self.refresh: dict[str, _Grant] = {}
         self.codes: dict[str, _Grant] = {}
         self.contacts: list[dict[str, Any]] = []
         self.contact_meta: dict[int, dict[str, Any]] = {}
@@ -298,6 +341,43 @@ class _State:
         self.stats = _new_stats()
         self.recent_errors: deque[str] = deque(maxlen=20)
         self.bucket = _LeakyBucket(config.rate_burst, config.rate_drain)
+        self.operating: dict[str, list[list[float]]] = {}  # method -> [[bucket start, seconds], ...]
+        self.moved: dict[str, str] = {}  # old host -> new base URL, after a rename
+        self.token_hosts: list[str] = []  # the Host of every /oauth/token/ request
+
+    # -- per-method time limit (limits.md, "Resource Intensity Limits") ---------------------
+
+    def _buckets(self, method: str, now: float) -> list[list[float]]:
+        window = self.config.operating_window
+        # A bucket counts for `window` seconds from the first call recorded in it.
+        live = [b for b in self.operating.get(method, []) if b[0] + window > now]
+        self.operating[method] = live
+        return live
+
+    def check_operating(self, method: str) -> None:
+        """Checked before each call: a method whose summed time passed the limit is refused."""
+        limit = self.config.operating_limit
+        if limit is not None and sum(b[1] for b in self._buckets(method, time.time())) > limit:
+            status, description = PORTAL_ERRORS["OPERATION_TIME_LIMIT"]
+            raise PortalError(status, "OPERATION_TIME_LIMIT", description)
+
+    def charge_operating(self, method: str, seconds: float) -> None:
+        now = time.time()
+        buckets = self._buckets(method, now)
+        cost = self.config.operating_costs.get(method, seconds)
+        if not buckets or now - buckets[-1][0] >= self.config.operating_window / 10:
+            buckets.append([now, 0.0])  # a new one-minute bucket starts with its first call
+        buckets[-1][1] += cost
+
+    def operating_figures(self, method: str) -> dict[str, Any]:
+        now = time.time()
+        buckets = self._buckets(method, now)
+        oldest = buckets[0][0] if buckets else now
+        return {
+            # Whole seconds as the portal sends them, rounded up: at that time the bucket is gone.
+            "operating_reset_at": math.ceil(oldest + self.config.operating_window),
+            "operating": sum(b[1] for b in buckets),
+        }
 
     # -- tokens --------------------------------------------------------------------------
 
@@ -306,7 +386,7 @@ class _State:
         expires_at = time.time() + self.config.access_ttl
         with self.lock:
             self.access[access] = _Grant(user_id, expires_at)
-            self.refresh[refresh] = user_id
+            self.refresh[refresh] = _Grant(user_id, time.time() + self.config.refresh_ttl)
         return _TokenPair(access, refresh, int(expires_at), user_id)
 
     def user_for(self, token: str | None) -> int:
@@ -324,12 +404,16 @@ class _State:
         return grant.user_id
 
     def rotate_refresh(self, refresh_token: str) -> int:
-        user_id = self.refresh.get(refresh_token)
-        if user_id is None:
+        grant = self.refresh.get(refresh_token)
+        if grant is None or time.time() >= grant.expires_at:
             raise PortalError(400, "invalid_grant", "Invalid refresh token")
         if self.config.strict_refresh:
             del self.refresh[refresh_token]
-        return user_id
+        return grant.user_id
+
+    def refresh_alive(self, refresh_token: str | None) -> bool:
+        grant = self.refresh.get(refresh_token or "")
+        return grant is not None and time.time() < grant.expires_at
 
     def revoke_all(self) -> None:
         self.access.clear()
@@ -356,15 +440,20 @@ class _State:
         self.stats["errors"] += 1
         self.recent_errors.append(f"{where}: {error.status} {error.error!r} {error.description}")
 
+    @property
+    def server_endpoint(self) -> str:
+        return (self.config.oauth_url or self.url) + "/rest/"
+
     def token_response(self, pair: _TokenPair) -> dict[str, Any]:
         # Key order as the real server sends it (issue #285, wire doc 2.5).
+        # `client_endpoint` is the portal's current address, also after a rename (wire doc 2.5).
         return {
             "access_token": pair.access_token,
             "expires": pair.expires,
             "expires_in": int(self.config.access_ttl),
             "scope": SCOPE,
-            "domain": OAUTH_DOMAIN,
-            "server_endpoint": self.url + "/rest/",
+            "domain": urlsplit(self.config.oauth_url).netloc if self.config.oauth_url else OAUTH_DOMAIN,
+            "server_endpoint": self.server_endpoint,
             "status": "L",
             "client_endpoint": self.url + "/rest/",
             "member_id": self.config.member_id,
@@ -902,7 +991,8 @@ def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp).astimezone().isoformat(timespec="seconds")
 
 
-def _time_block(start: float, finish: float) -> dict[str, Any]:
+def _time_block(start: float, finish: float, operating: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The reply's `time` (wire doc 3.3); cloud portals add the method's `operating` figures (limits.md)."""
     return {
         "start": start,
         "finish": finish,
@@ -910,6 +1000,7 @@ def _time_block(start: float, finish: float) -> dict[str, Any]:
         "processing": finish - start,
         "date_start": _iso(start),
         "date_finish": _iso(finish),
+        **(operating or {}),
     }
 
 
@@ -934,14 +1025,24 @@ class _BatchOutcome:
     nexts: dict[str, Any] = field(default_factory=dict)
     times: dict[str, Any] = field(default_factory=dict)
 
-    def add(self, cmd_id: str, result: Any, started: float) -> None:
+    def add(self, cmd_id: str, result: Any, started: float, operating: Mapping[str, Any]) -> None:
         if isinstance(result, _ListResult):
             self.totals[cmd_id] = result.total
             if result.next is not None:
                 self.nexts[cmd_id] = result.next
             result = result.items
         self.results[cmd_id] = result
-        self.times[cmd_id] = _time_block(started, time.time())
+        self.times[cmd_id] = _time_block(started, time.time(), operating)
+
+    def references(self) -> dict[str, Any]:
+        """What `$result[...]` and friends look into: the core's `$arResult` (CRestProvider::methodsBatch)."""
+        return {
+            "result": self.results,
+            "next": self.nexts,
+            "total": self.totals,
+            "time": self.times,
+            "error": self.errors,
+        }
 
     def to_php(self) -> dict[str, Any]:
         return {
@@ -953,27 +1054,51 @@ class _BatchOutcome:
         }
 
 
-def _resolve_reference(results: Mapping[str, Any], match: re.Match[str]) -> str:
-    node: Any = results.get(match.group(1))
-    for key in _BRACKET_RE.findall(match.group(2)):
-        if isinstance(node, list) and key.isdigit() and int(key) < len(node):
-            node = node[int(key)]
-        elif isinstance(node, dict) and key in node:
+def _resolve_path(references: Mapping[str, Any], name: str, path: str) -> Any:
+    """Walk `[a][b]...` from the named array; stop (keeping the node reached) at a missing key."""
+    node: Any = references.get(name)  # case-sensitive: `$RESULT[...]` finds no array
+    for key in _PATH_RE.findall(path):
+        if isinstance(node, dict) and key in node and node[key] is not None:
             node = node[key]
+        elif isinstance(node, list) and key.isdigit() and int(key) < len(node) and node[int(key)] is not None:
+            node = node[int(key)]
         else:
-            return match.group(0)  # unresolvable references stay as typed
-    return "" if node is None else str(node)
+            break  # PHP: `isset($r[$key])` failed
+    return node
 
 
-def _substitute(value: Any, results: Mapping[str, Any]) -> Any:
-    """Replace ``$result[cmd][path...]`` references with earlier batch results (wire doc 4.3)."""
-    if isinstance(value, str):
-        return _RESULT_REF_RE.sub(lambda m: _resolve_reference(results, m), value)
-    if isinstance(value, dict):
-        return {key: _substitute(item, results) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_substitute(item, results) for item in value]
+def _substitute_value(value: str, references: Mapping[str, Any], pattern: re.Pattern[str]) -> Any:
+    """`CRestUtil::processBatchElement`: a reference that is the whole value becomes what it points to
+    (any type, even an array or null); inside longer text it is replaced only by a string."""
+    for match in list(pattern.finditer(value)):
+        name, path = match.group(1), match.group(2)
+        if not _PATH_RE.search(path):
+            continue
+        target = _resolve_path(references, name, path)
+        if match.group(0) == value:
+            return target
+        if isinstance(target, str):
+            value = value.replace(match.group(0), target)
     return value
+
+
+def _substitute(value: Any, references: Mapping[str, Any]) -> Any:
+    """`CRestUtil::processBatchStructure` over every key and value of a command's parameters.
+
+    Every value (not just the documented `$result[cmd][field]`) is scanned, case-insensitively, for
+    `$result`, `$next`, `$total`, `$time` and `$error`; there is no escape. Keys are scanned too,
+    with an empty list of names, so a key holding `$[...]` resolves to nothing (wire doc 4.3).
+    """
+    if not isinstance(value, dict | list):
+        return _substitute_value(value, references, _BATCH_REF_RE) if isinstance(value, str) else value
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    rebuilt: dict[Any, Any] = {}
+    for key, item in items:
+        new_key = _substitute_value(key, references, _BATCH_KEY_RE) if isinstance(key, str) else key
+        rebuilt["" if new_key is None else new_key] = _substitute(item, references)
+    if isinstance(value, list):
+        return list(rebuilt.values())
+    return rebuilt
 
 
 def _batch_commands(cmd: Any) -> dict[str, str]:
@@ -1013,7 +1138,12 @@ class _Dispatcher:
         handler = _METHODS.get(method)
         if handler is None or (method in _AUTOMATION_METHODS and not self.state.config.automation_rules):
             raise PortalError(404, "ERROR_METHOD_NOT_FOUND", "Method not found!")
-        return handler(_Call(self.state, user_id, params))
+        self.state.check_operating(method)  # before the call, per method (limits.md)
+        started = time.time()
+        try:
+            return handler(_Call(self.state, user_id, params))
+        finally:
+            self.state.charge_operating(method, time.time() - started)
 
     def batch(self, user_id: int, params: dict[str, Any]) -> Any:
         self.state.stats["batches"] += 1
@@ -1041,8 +1171,10 @@ class _Dispatcher:
                     405, "ERROR_BATCH_METHOD_NOT_ALLOWED", "Method is not allowed for batch usage"
                 )
             parsed = parse_php_query(parse_qsl(query, keep_blank_values=True))
-            params = _lower_keys(_substitute(parsed, outcome.results))
-            outcome.add(cmd_id, self.call(method, user_id, params), started)
+            params = _lower_keys(_substitute(parsed, outcome.references()))
+            result = self.call(method, user_id, params)
+            # Each nested call counts against its own method; the outer batch does not (limits.md).
+            outcome.add(cmd_id, result, started, self.state.operating_figures(method))
         except PortalError as exc:
             self.state.note_error(f"batch[{cmd_id}] {method}", exc)
             outcome.errors[cmd_id] = exc.body()
@@ -1181,6 +1313,20 @@ class FakePortal:
     def client_endpoint(self) -> str:
         return self.url + "/rest/"
 
+    @property
+    def bound_url(self) -> str:
+        """Where the server really listens (`http://127.0.0.1:port`), whatever `url` it claims."""
+        if self._socket is None:
+            raise RuntimeError("FakePortal is not running")
+        return f"http://127.0.0.1:{self._socket.getsockname()[1]}"
+
+    def rename(self, new_url: str) -> None:
+        """The portal's address changes; its old one answers 302 to the new one from now on
+        (settings/how-to-call-rest-api/change-domen.md). Tokens, member_id and robots stay."""
+        with self._state.lock:
+            self._state.moved[self.domain] = new_url.rstrip("/")
+            self.url = new_url
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self, port: int = 0) -> None:
@@ -1192,7 +1338,7 @@ class FakePortal:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", port))
         self._socket = sock
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.url = self.config.public_url or f"http://127.0.0.1:{sock.getsockname()[1]}"
         config = uvicorn.Config(
             self.app, log_level="warning", access_log=False, lifespan="off",
             timeout_graceful_shutdown=2,
@@ -1244,7 +1390,7 @@ class FakePortal:
         if pair is None:  # ONAPPUNINSTALL carries exactly these five keys
             return {
                 "domain": self.domain,
-                "server_endpoint": self.url + "/rest/",
+                "server_endpoint": self._state.server_endpoint,
                 "client_endpoint": self.client_endpoint,
                 "member_id": self.config.member_id,
                 "application_token": app_token,
@@ -1255,7 +1401,7 @@ class FakePortal:
             "expires_in": int(self.config.access_ttl),
             "scope": SCOPE,
             "domain": self.domain,
-            "server_endpoint": self.url + "/rest/",
+            "server_endpoint": self._state.server_endpoint,
             "status": "L",
             "client_endpoint": self.client_endpoint,
             "member_id": self.config.member_id,
@@ -1296,7 +1442,7 @@ class FakePortal:
                 ("AUTH_ID", pair.access_token),
                 ("AUTH_EXPIRES", str(int(self.config.access_ttl))),
                 ("REFRESH_ID", pair.refresh_token),
-                ("SERVER_ENDPOINT", self.url + "/rest/"),
+                ("SERVER_ENDPOINT", self._state.server_endpoint),
                 ("APPLICATION_TOKEN", self.application_token),
                 ("APPLICATION_SCOPE", SCOPE),
                 ("member_id", self.config.member_id),
@@ -1441,13 +1587,18 @@ class FakePortal:
                 ("domain", self.domain),
                 ("member_id", self.config.member_id),
                 ("scope", SCOPE),
-                ("server_domain", self.domain),
+                ("server_domain", urlsplit(self._state.server_endpoint).netloc),
             ]
         )
         separator = "&" if "?" in self.config.redirect_uri else "?"
         return f"{self.config.redirect_uri}{separator}{query}"
 
     # -- controls ------------------------------------------------------------------------------
+
+    def refresh_token_alive(self, refresh_token: str | None) -> bool:
+        """Whether the authorization server would still take this refresh token."""
+        with self._state.lock:
+            return self._state.refresh_alive(refresh_token)
 
     def expire_access_tokens(self) -> None:
         cutoff = time.time() - 1
@@ -1553,6 +1704,17 @@ class FakePortal:
             return list(self._state.recent_errors)
 
     @property
+    def token_hosts(self) -> list[str]:
+        """The Host header of every token request, in order."""
+        with self._state.lock:
+            return list(self._state.token_hosts)
+
+    def fail_with(self, method: str, code: str, times: int = 1) -> None:
+        """The next `times` calls of `method` get the portal's documented reply for `code` (PORTAL_ERRORS)."""
+        status, description = PORTAL_ERRORS[code]
+        self.fail_next(method, status, code, description, times)
+
+    @property
     def stats(self) -> dict[str, Any]:
         with self._state.lock:
             return copy.deepcopy(self._state.stats)
@@ -1604,11 +1766,23 @@ class FakePortal:
             with self._state.lock:
                 self._state.stats["held_requests"] -= 1
 
+    def _moved_away(self, request: Request) -> Response | None:
+        """A renamed portal's old host redirects every REST call to the new one (change-domen.md)."""
+        with self._state.lock:
+            new_url = self._state.moved.get(request.headers.get("host", ""))
+        if new_url is None:
+            return None
+        query = f"?{request.url.query}" if request.url.query else ""
+        return RedirectResponse(f"{new_url}{request.url.path}{query}", status_code=302)
+
     async def _method_held(self, method: str) -> bool:
         with self._state.lock:
             return method in self._state.held_methods
 
     async def _rest(self, request: Request) -> Response:
+        moved = self._moved_away(request)
+        if moved is not None:
+            return moved
         await self._wait_while_held()
         method = _method_name(str(request.path_params["method"]))
         started = time.time()
@@ -1626,8 +1800,10 @@ class FakePortal:
                 if bad_body is not None:
                     raise bad_body
                 result = self._dispatcher.serve(method, params)
+                # The outer `batch` is not counted against its own limit (limits.md): its figures stay 0.
+                figures = self._state.operating_figures(method)
                 # JSONResponse renders immediately, so stored objects are not shared past the lock.
-                response: Response = JSONResponse(self._envelope(result, started))
+                response: Response = JSONResponse(self._envelope(result, started, figures))
             except PortalError as exc:
                 self._state.note_error(method, exc)
                 response = _error_response(exc)
@@ -1638,20 +1814,26 @@ class FakePortal:
         return response
 
     @staticmethod
-    def _envelope(result: Any, started: float) -> dict[str, Any]:
+    def _envelope(result: Any, started: float, figures: Mapping[str, Any]) -> dict[str, Any]:
         if not isinstance(result, _ListResult):
-            return {"result": result, "time": _time_block(started, time.time())}
+            return {"result": result, "time": _time_block(started, time.time(), figures)}
         envelope: dict[str, Any] = {"result": result.items}
         if result.next is not None:
             envelope["next"] = result.next
         envelope["total"] = result.total
-        envelope["time"] = _time_block(started, time.time())
+        envelope["time"] = _time_block(started, time.time(), figures)
         return envelope
 
     async def _oauth_token(self, request: Request) -> Response:
         params = await _read_flat(request)
+        host = request.headers.get("host", "")
         with self._state.lock:
             self._state.stats["token_requests"] += 1
+            self._state.token_hosts.append(host)
+            oauth = self.config.oauth_url
+            if oauth and host != urlsplit(oauth).netloc:
+                # Cloud tokens come from the region's authorization server only (settings/oauth/index.md).
+                return JSONResponse({"error": "not_found", "error_description": "Not found"}, status_code=404)
             try:
                 return JSONResponse(_grant_tokens(self._state, params))
             except PortalError as exc:
@@ -1808,6 +1990,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-rate-limit", action="store_true")
     parser.add_argument("--access-ttl", type=float, default=defaults.access_ttl)
     parser.add_argument("--code-ttl", type=float, default=defaults.code_ttl)
+    parser.add_argument("--refresh-ttl", type=float, default=defaults.refresh_ttl)
     parser.add_argument("--lenient-refresh", action="store_true", help="old refresh tokens live on")
     parser.add_argument("--redirect-uri", default=defaults.redirect_uri)
     return parser.parse_args(argv)
@@ -1821,6 +2004,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         member_id=args.member_id,
         access_ttl=args.access_ttl,
         code_ttl=args.code_ttl,
+        refresh_ttl=args.refresh_ttl,
         strict_refresh=not args.lenient_refresh,
         rate_burst=None if args.no_rate_limit else args.rate_burst,
         rate_drain=args.rate_drain,

@@ -26,7 +26,9 @@ from services.bitrix_client import (
     BitrixAuthError,
     BitrixClient,
     BitrixError,
+    BitrixMethodLimited,
     BitrixRateLimitError,
+    BitrixScopeMissing,
     BitrixServerError,
     BitrixTokenExpired,
     BitrixTransportError,
@@ -157,7 +159,7 @@ def _form(request: httpx.Request) -> dict[str, str]:
     [
         (_err(400, "", "Parameter 'fields' must be array."), BitrixApiError),
         (_err(200, "ERROR_CORE", "The field Work e-mail contains an invalid address"), BitrixApiError),
-        (_err(403, "insufficient_scope", "The request requires higher privileges"), BitrixApiError),
+        (_err(403, "insufficient_scope", "The request requires higher privileges"), BitrixScopeMissing),
         (_err(400, "ERROR_METHOD_NOT_FOUND", "Method not found!"), BitrixApiError),
         (_expired(), BitrixTokenExpired),
         (_err(401, "NO_AUTH_FOUND", "Wrong authorization data"), BitrixAuthError),
@@ -166,7 +168,7 @@ def _form(request: httpx.Request) -> dict[str, str]:
         (_err(503, "QUERY_LIMIT_EXCEEDED", "Too many requests"), BitrixRateLimitError),
         (
             _err(429, "OPERATION_TIME_LIMIT", "Method is blocked due to operation time limit."),
-            BitrixRateLimitError,
+            BitrixMethodLimited,
         ),
         (_err(403, "ACCESS_DENIED", "Access denied!"), BitrixAccessDenied),
         (_err(500, "INTERNAL_SERVER_ERROR", "Internal server error"), BitrixServerError),
@@ -494,7 +496,15 @@ async def test_refused_refresh_raises_and_leaves_the_store_unchanged(
     assert caught.value.error == error
     assert token_route.call_count == 1
     assert rest_route.call_count == 0
-    assert bx.path.read_bytes() == before
+    stored, kept = json.loads(bx.path.read_text()), json.loads(before)
+    # invalid_grant is for good: the record says so (tokens unchanged), and nothing is sent again.
+    reason = stored["portals"][MEMBER_ID].pop("disconnected_reason")
+    kept["portals"][MEMBER_ID].pop("disconnected_reason", None)
+    assert stored == kept
+    assert (reason is not None) == (error == "invalid_grant")
+    with pytest.raises(OAuthError if reason is None else PortalNotConnected):
+        await bx.client.call(MEMBER_ID, "app.info")
+    assert token_route.call_count == (2 if reason is None else 1)
 
 
 @pytest.mark.anyio
@@ -626,7 +636,9 @@ async def test_batch_where_every_command_failed_has_an_empty_result_array(bx: Ha
     outcome = await bx.client.batch(MEMBER_ID, {"a": ("crm.contact.add", CONTACT)})
 
     assert outcome.results == {}
-    assert outcome.errors["a"].error == "insufficient_scope"
+    error = outcome.errors["a"]
+    assert isinstance(error, BitrixScopeMissing)
+    assert error.error == "insufficient_scope"
 
 
 @pytest.mark.anyio
@@ -717,3 +729,18 @@ async def test_exchange_code_without_credentials_sends_nothing(bx: Harness) -> N
         await bx.client.exchange_code("code")
 
     assert bx.router.calls.call_count == 0
+
+
+@pytest.mark.anyio
+async def test_a_revoked_token_marks_the_portal_disconnected_and_is_not_sent_again(bx: Harness) -> None:
+    await bx.install()
+    route = bx.router.post(f"{REST}app.info").mock(return_value=_err(401, "NO_AUTH_FOUND", "Wrong auth"))
+
+    with pytest.raises(BitrixAuthError):
+        await bx.client.call(MEMBER_ID, "app.info")
+    with pytest.raises(PortalNotConnected, match="NO_AUTH_FOUND"):
+        await bx.client.call(MEMBER_ID, "app.info")
+
+    assert route.call_count == 1
+    assert "NO_AUTH_FOUND" in bx.stored()["disconnected_reason"]
+    assert bx.stored()["access_token"] == OLD_ACCESS
