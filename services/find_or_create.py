@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from repositories.job_journal import Job
-from services.bitrix_client import BitrixClient, BitrixError
+from services.bitrix_client import BitrixClient, BitrixError, action_hint
 from services.contact_matching import (
     Decision,
     Found,
@@ -62,10 +62,12 @@ async def find_or_add(
     """Decide for each job, answer the found ones, create the rest; returns the jobs ready to answer."""
     wanted = [Wanted(job.id, read_mode(job.properties), fields[job.id]) for job in jobs]
     decided = await plan(steps.bitrix, member_id, wanted, region)
+    ready: list[Job] = []
     if decided.error is not None:
-        _search_failed(steps, [job for job in jobs if job.id not in decided.decisions], decided.error)
+        undecided = [job for job in jobs if job.id not in decided.decisions]
+        ready += _search_failed(steps, undecided, decided.error)
     decisions = decided.decisions
-    ready = await _take_found(steps, member_id, jobs, decisions)
+    ready += await _take_found(steps, member_id, jobs, decisions)
     creating = [job for job in jobs if job.id in decisions and decisions[job.id].action == "create"]
     if creating:
         ready += await steps.add(creating)
@@ -88,12 +90,14 @@ async def plan(bitrix: BitrixClient, member_id: str, wanted: Sequence[Wanted], r
     return Plan({d.job_id: d for d in decide(wanted, found)})
 
 
-def _search_failed(steps: Steps, jobs: list[Job], exc: BitrixError) -> None:
-    for job in jobs:
-        if exc.retryable:
+def _search_failed(steps: Steps, jobs: list[Job], exc: BitrixError) -> list[Job]:
+    """A search that may work later is retried; a refused one answers (creating could duplicate)."""
+    if exc.retryable:
+        for job in jobs:
             steps.writes.retry(job, exc, steps.policy)
-        else:
-            steps.writes.to_send(job, 0, f"Existing contacts could not be searched: {exc}. {exc.admin_hint}")
+        return []
+    reason = f"Existing contacts could not be searched: {exc}{action_hint(exc)}"
+    return [steps.writes.to_send(job, 0, reason) for job in jobs]
 
 
 async def _take_found(

@@ -321,3 +321,16 @@ async def test_the_check_at_start_gives_an_installed_robot_the_new_inputs(
                     what="the robot updated at start",
                 )
     assert portal.robots["create_contact"]["PROPERTIES"]["responsible"]["Type"] == "user"
+
+
+async def test_a_refused_search_answers_with_the_reason_and_creates_nothing(
+    installed: httpx.AsyncClient, portal: FakePortal
+) -> None:
+    portal.fail_next("crm.duplicate.findbycomm", 403, "Access denied", "")
+
+    answer = await run(installed, portal, duplicates="reuse")
+
+    assert returned(answer)[:2] == (0, "N")
+    assert answer["return_values"]["error"].startswith("Existing contacts could not be searched: ")
+    assert "Access denied" in answer["return_values"]["error"]
+    assert portal.contacts == []
