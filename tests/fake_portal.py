@@ -1468,8 +1468,10 @@ class FakePortal:
         bizproc/classes/general/restactivity.php `execute()` sends each of the robot's PROPERTIES:
         the designer's value (its `Default` when never set, `''` when empty) after
         FieldType::externalizeValue, which leaves a `select` its option key and a `user` its
-        internal `user_<id>` form (bizproc/lib/basetype/select.php, user.php). A robot this
-        portal does not know gets `given` unchanged.
+        internal `user_<id>` form (bizproc/lib/basetype/select.php, user.php). Keys in `given` that
+        the robot does not have are passed on too, after the registered ones: a real portal never
+        sends them, but tests forge such bodies on purpose. A robot this portal does not know gets
+        `given` unchanged.
         """
         with self._state.lock:
             registered = copy.deepcopy(self._state.robots.get(code, {}).get("PROPERTIES"))
@@ -1480,7 +1482,7 @@ class FakePortal:
             default = next((v for k, v in descriptor.items() if k.upper() == "DEFAULT"), None)
             value = given.get(key, default)
             values[key] = "" if value is None else value
-        return values
+        return {**values, **{key: value for key, value in given.items() if key not in values}}
 
     def robot_call_body(
         self,
