@@ -1,5 +1,6 @@
 """/health and the status page."""
 
+import asyncio
 import os
 import stat
 from pathlib import Path
@@ -34,7 +35,12 @@ async def test_health_and_status_page_after_a_robot_run(
     await answer_for(portal, token)
     query, frame = portal.iframe_install()
 
-    health = (await installed.get("/health")).json()
+    # The portal has the answer a moment before the app has journaled its reply: wait for that.
+    for _ in range(500):
+        health = (await installed.get("/health")).json()
+        if health["queue"]["done"] == 1:
+            break
+        await asyncio.sleep(0.02)
     page = await post_form(installed, f"/app?{query}", frame)
 
     assert health["portal_connected"] is True
