@@ -2,6 +2,7 @@
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
@@ -31,6 +32,8 @@ class Settings(BaseSettings):
     batch_linger_seconds: float = Field(default=0.05, ge=0)
     http_timeout_seconds: float = Field(default=30.0, gt=0)
     token_refresh_margin_seconds: float = Field(default=60.0, ge=0)
+    # The status page's language when neither the portal nor the browser names one.
+    default_language: Literal["en", "ru"] = "en"
     # Refresh tokens die 180 days after issue (b24restdocs settings/oauth/auto-renewal.md).
     token_renew_after_seconds: float = Field(default=30 * 86400.0, gt=0)
     install_timeout_seconds: float = Field(default=15.0, gt=0)

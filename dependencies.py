@@ -83,9 +83,8 @@ async def install_form(request: Request, form: FormDep) -> InstallEvent | Iframe
         return validated(InstallEvent, form, "ONAPPINSTALL event")
     if "AUTH_ID" in form:
         # The frame install puts DOMAIN and PROTOCOL in the query string, the tokens in the body.
-        query = {
-            key: request.query_params[key] for key in ("DOMAIN", "PROTOCOL") if key in request.query_params
-        }
+        keys = ("DOMAIN", "PROTOCOL", "LANG")
+        query = {key: request.query_params[key] for key in keys if key in request.query_params}
         return validated(IframeInstall, {**form, **query}, "install request")
     raise BadRequest(
         "Not an install request: expected an ONAPPINSTALL event or the portal's install page POST."
@@ -98,7 +97,10 @@ async def app_frame_form(request: Request) -> AppFrame | None:
     if content_type != FORM_TYPE:
         return None
     form = await read_form(request)
-    query = {key: request.query_params[key] for key in ("DOMAIN", "PROTOCOL") if key in request.query_params}
+    # DOMAIN, PROTOCOL and LANG come in the query string (wire doc 1.4); the docs show LANG in the
+    # POST array too (b24restdocs `settings/oauth/simple-way.md`): the query wins, the body will do.
+    keys = ("DOMAIN", "PROTOCOL", "LANG")
+    query = {key: request.query_params[key] for key in keys if key in request.query_params}
     try:
         return AppFrame.model_validate({**form, **query})
     except ValidationError:

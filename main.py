@@ -22,9 +22,11 @@ from repositories.job_journal import SqliteJobJournal
 from repositories.oauth_state_store import SqliteOAuthStateStore
 from repositories.token_store import JsonTokenStore, TokenStoreError
 from router import router
-from services import pages
+from services import metrics, pages
 from services.bitrix_client import BitrixClient, BitrixError
 from services.errors import AppError, ErrorCode
+from services.handler_check import handler_warnings, log_handler_warnings
+from services.languages import PortalLanguages
 from services.observability import configure_logging, register_secret, request_id_var
 from services.processing import ProcessingService
 from services.rate_limit import PortalRateLimiter
@@ -35,7 +37,7 @@ from services.worker import JobWorker
 
 logger = logging.getLogger(__name__)
 _HTTP_CODES = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}
-_QUIET_PATHS = frozenset({"/robot", "/health"})
+_QUIET_PATHS = frozenset({"/robot", "/health", "/metrics"})
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
@@ -66,7 +68,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
         policy = RetryPolicy()
         limiter = PortalRateLimiter(settings.rate_limit_burst, settings.rate_limit_per_second)
         bitrix = BitrixClient(http, tokens, settings, limiter, policy)
-        worker = JobWorker(journal, bitrix, settings, policy)
+        languages = PortalLanguages(tokens, settings.default_language)
+        worker = JobWorker(journal, bitrix, settings, policy, language_of=languages.of)
         robots = RobotRegistration(settings, tokens, bitrix, policy)
         # At start and every hour, by the one process that leads the job worker.
         worker.while_leading(robots.keep_registered)
@@ -100,6 +103,20 @@ def _report_settings(settings: Settings) -> None:
         settings.bitrix_portal_url or "any Bitrix24 cloud portal",
         settings.token_file,
         settings.job_db_file,
+    )
+    # PORT is set by start.sh/start.bat; under a bare `uvicorn` the port is unknown and not checked.
+    port = os.environ.get("PORT", "")
+    listen_port = int(port) if port.isdigit() else None
+    log_handler_warnings(settings.robot_handler_url, handler_warnings(settings.app_base_url, listen_port))
+    base = settings.app_base_url
+    here = f" (on this machine: http://127.0.0.1:{listen_port}/app)" if listen_port else ""
+    logger.info(
+        "Open the status page: %s/app%s, or the app in the portal. The portal's local app form: "
+        "handler path %s/app, initial installation path %s/install",
+        base,
+        here,
+        base,
+        base,
     )
 
 
@@ -151,6 +168,8 @@ class RequestContextMiddleware:
             quiet = scope["path"] in _QUIET_PATHS and status < 400
             level = logging.DEBUG if quiet else logging.INFO
             logger.log(level, "%s %s -> %d in %.1f ms", scope["method"], scope["path"], status, elapsed)
+            if scope["path"] == "/robot" and status == 200:
+                metrics.ACK_SECONDS.observe(elapsed / 1000)
             request_id_var.reset(token)
 
 

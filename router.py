@@ -2,7 +2,7 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, Cookie
+from fastapi import APIRouter, Cookie, Header, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from dependencies import (
@@ -15,11 +15,12 @@ from dependencies import (
     UpdateDep,
 )
 from schemas import Health, InstallEvent, RobotAck
-from services import pages
+from services import messages, metrics, pages
 
 router = APIRouter()
 NONCE_COOKIE = "b24_oauth_nonce"
 NonceCookie = Annotated[str | None, Cookie(alias=NONCE_COOKIE)]
+AcceptLanguage = Annotated[str | None, Header()]
 
 
 # First: routes are matched in order, and robot calls are by far the most frequent.
@@ -43,7 +44,8 @@ async def install(payload: InstallDep, service: ProcessingServiceDep) -> Respons
         }
         return JSONResponse(body)
     done = await service.install_from_frame(payload)
-    return HTMLResponse(pages.install_finish_page(done.record.domain, done.robot))
+    lang = messages.portal_language(payload.LANG) or "en"
+    return HTMLResponse(pages.install_finish_page(done.record.domain, done.robot, lang))
 
 
 @router.get("/oauth/login")
@@ -75,9 +77,17 @@ async def oauth_callback(
     return response
 
 
+@router.get("/")
+async def root() -> RedirectResponse:
+    """The app's own address leads to its status page."""
+    return RedirectResponse("/app", status_code=303)
+
+
 @router.get("/app")
 async def app_page(
+    request: Request,
     service: ProcessingServiceDep,
+    accept_language: AcceptLanguage = None,
     nonce: NonceCookie = None,
     code: str | None = None,
     state: str | None = None,
@@ -86,13 +96,26 @@ async def app_page(
     """The app's handler path: the OAuth callback when `code` is present, else the status page."""
     if code is not None or state is not None:
         return await oauth_callback(service, nonce, code, state, server_domain)
-    return HTMLResponse(pages.status_page(await service.status_report(None)))
+    report = await service.status_report(None, accept_language, _listen_port(request))
+    return HTMLResponse(pages.status_page(report))
 
 
 @router.post("/app")
-async def app_frame(frame: AppFrameDep, service: ProcessingServiceDep) -> HTMLResponse:
+async def app_frame(
+    request: Request,
+    frame: AppFrameDep,
+    service: ProcessingServiceDep,
+    accept_language: AcceptLanguage = None,
+) -> HTMLResponse:
     """The app opened inside the portal: its status page, in full for that portal's users."""
-    return HTMLResponse(pages.status_page(await service.status_report(frame)))
+    report = await service.status_report(frame, accept_language, _listen_port(request))
+    return HTMLResponse(pages.status_page(report))
+
+
+def _listen_port(request: Request) -> int | None:
+    # The port of the socket this request came in on: the one the app really listens on.
+    server = request.scope.get("server")
+    return int(server[1]) if server and server[1] else None
 
 
 @router.post("/uninstall")
@@ -100,6 +123,14 @@ async def uninstall(event: UninstallDep, service: ProcessingServiceDep) -> dict[
     """ONAPPUNINSTALL: forget the portal's tokens."""
     await service.uninstall(event)
     return {"status": "uninstalled"}
+
+
+@router.get("/metrics")
+async def prometheus_metrics(service: ProcessingServiceDep) -> Response:
+    """Prometheus metrics: robot calls, the queue, REST requests, token refreshes, acknowledgements."""
+    health = await service.health()
+    body = metrics.render(health.queue, health.portal_connected)
+    return Response(body, media_type=metrics.CONTENT_TYPE)
 
 
 @router.post("/update")

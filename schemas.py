@@ -134,6 +134,7 @@ class IframeInstall(_Wire):
     member_id: str = Field(pattern=MEMBER_ID)
     DOMAIN: str = Field(min_length=1, max_length=255)
     PROTOCOL: Literal["0", "1"] = "1"
+    LANG: str = Field(default="", max_length=16)  # the user's interface language (query string)
 
 
 class RobotCall(_Wire):
@@ -187,6 +188,9 @@ class PortalTokens(BaseModel):
     # Why the robot is not registered, in words an administrator can act on; None when it is.
     robot_problem: str | None = None
     updated_at: float = Field(default_factory=time.time)
+    # The portal's language (`LANGUAGE_ID` of the install, `LANG` of the frame): the workflow's
+    # messages are in it. None: the portal has not said.
+    language: str | None = None
     # When the refresh token was issued (it dies 180 days later); None: at `updated_at` or before.
     refresh_issued_at: float | None = None
     # Set when the stored pair no longer works (the refresh was refused for good): the sentence
@@ -258,6 +262,8 @@ class QueueStats(BaseModel):
     done: int = 0
     failed: int = 0
     abandoned: int = 0
+    # Of `done`: answered with `contact_id` 0 and a reason (bad data, or the portal refused).
+    answered_with_error: int = 0
 
 
 class PortalStatus(BaseModel):
@@ -268,6 +274,9 @@ class PortalStatus(BaseModel):
     token_valid_for_seconds: int
     can_refresh: bool
     robot_registered: bool
+    refresh_token_age_days: float | None = None  # None: the store does not know when it was issued
+    refresh_token_days_left: float | None = None
+    robot_checked_at: float | None = None  # when the robot was last registered or checked
     robot_problem: str | None = None
     # False when the stored pair no longer works; `disconnected_reason` then says why and what helps.
     connected: bool = True
@@ -289,6 +298,7 @@ class RobotRun(BaseModel):
     contact_id: int
     error: str
     created_at: float
+    document_id: str = ""  # `crm/CCrmDocumentDeal/DEAL_4521`: the CRM document the workflow runs on
 
 
 class Health(BaseModel):
@@ -302,6 +312,15 @@ class Health(BaseModel):
     queue: QueueStats
 
 
+class HandlerWarning(BaseModel):
+    """Why the portal may not reach the robot handler: a message key of the page and its values."""
+
+    code: Literal["dotless_host", "private_address", "plain_http", "port_mismatch"]
+    host: str = ""
+    url_port: int | None = None
+    listen_port: int | None = None
+
+
 class StatusReport(BaseModel):
     """The status page: portal details and recent runs only for a verified portal user."""
 
@@ -309,6 +328,10 @@ class StatusReport(BaseModel):
     portals: list[PortalStatus] = Field(default_factory=list)
     runs: list[RobotRun] = Field(default_factory=list)
     verified: bool = False
+    handler_url: str = ""
+    handler_warnings: list[HandlerWarning] = Field(default_factory=list)
+    portal_url: str | None = None  # https://example.bitrix24.ru, for links to CRM documents
+    language: Literal["ru", "en"] = "en"
 
 
 class AppFrame(_Wire):
@@ -318,6 +341,7 @@ class AppFrame(_Wire):
     APPLICATION_TOKEN: str = Field(min_length=1, max_length=256)
     DOMAIN: str = Field(min_length=1, max_length=255)
     PROTOCOL: Literal["0", "1"] = "1"
+    LANG: str = Field(default="", max_length=16)  # the user's interface language (query string)
 
     def as_auth(self) -> EventAuth:
         """The frame's credentials in the shape every callback check takes."""

@@ -42,4 +42,6 @@ if [ ! -f .env ]; then
 fi
 
 # --no-access-log: the app logs every request itself (with a request id) and never a query string.
-exec "$VENV_PY" -m uvicorn main:app --host "${HOST:-0.0.0.0}" --port "${PORT:-8000}" --no-access-log "$@"
+# PORT stays in the environment: the app checks it against APP_BASE_URL.
+export HOST="${HOST:-0.0.0.0}" PORT="${PORT:-8000}"
+exec "$VENV_PY" -m uvicorn main:app --host "$HOST" --port "$PORT" --no-access-log "$@"

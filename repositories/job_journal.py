@@ -269,12 +269,16 @@ class SqliteJobJournal:
             oldest = self._db.execute(
                 "SELECT MIN(created_at) FROM jobs WHERE state IN ('add', 'send')"
             ).fetchone()[0]
+            with_error = self._db.execute(
+                "SELECT COUNT(*) FROM jobs WHERE state = 'done' AND (error != '' OR contact_id = 0)"
+            ).fetchone()[0]
         return QueueStats(
             pending=counts.get("add", 0) + counts.get("send", 0),
             oldest_pending_age_seconds=round(time.time() - oldest, 3) if oldest else None,
             done=counts.get("done", 0),
             failed=counts.get("failed", 0),
             abandoned=counts.get("abandoned", 0),
+            answered_with_error=with_error,
         )
 
     async def recent(self, limit: int) -> list[RobotRun]:
@@ -290,6 +294,7 @@ class SqliteJobJournal:
                 contact_id=row["contact_id"],
                 error=row["error"],
                 created_at=row["created_at"],
+                document_id=row["document_id"],
             )
             for row in rows
         ]

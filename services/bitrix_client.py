@@ -48,7 +48,7 @@ from pydantic import ValidationError
 from config import Settings
 from repositories.token_store import TokenStore, TokenStoreError
 from schemas import PortalTokens, TokenResponse
-from services import portal_moves
+from services import metrics, portal_moves
 from services.batch_refs import has_batch_reference
 from services.method_limits import MethodLimits
 from services.oauth_servers import token_endpoint
@@ -474,12 +474,17 @@ class BitrixClient:
                     token_endpoint(self._settings, record.server_endpoint),
                 )
             except OAuthError as exc:
+                metrics.TOKEN_REFRESHES.labels(outcome="refused").inc()
                 logger.error(
                     "Refreshing the token of portal %s failed: %s. %s", record.domain, exc, exc.admin_hint
                 )
                 if isinstance(exc, OAuthInvalidGrant):
                     await self._disconnect(member_id, record.access_token, _DEAD_REFRESH)
                 raise
+            except BitrixError:
+                metrics.TOKEN_REFRESHES.labels(outcome="error").inc()
+                raise
+            metrics.TOKEN_REFRESHES.labels(outcome="ok").inc()
             updated = self._moved_by_refresh(record, reply).with_tokens(reply)
             # Persist before replaying: the old refresh token is already dead on the server. If the
             # disk refuses, the store keeps the pair in memory and saves it later; it is not lost.
@@ -589,7 +594,9 @@ class BitrixClient:
         try:
             response = await self._http.post(url, json=body, follow_redirects=False)
         except httpx.HTTPError as exc:
+            metrics.observe_rest(method, None, time.perf_counter() - started)
             raise BitrixTransportError(f"{method}: {type(exc).__name__} talking to {url}") from exc
+        metrics.observe_rest(method, response.status_code, time.perf_counter() - started)
         elapsed = (time.perf_counter() - started) * 1000
         logger.info("REST %s -> %d in %.0f ms", url, response.status_code, elapsed)
         logger.debug("REST %s reply: %s", method, response.text[:2000])

@@ -24,6 +24,7 @@ from typing import Any, Literal
 import phonenumbers
 
 from services.contact_validation import InvalidContactData, contact_fields
+from services.messages import Lang, text
 
 Mode = Literal["create", "reuse", "update"]
 MODES: tuple[Mode, ...] = ("create", "reuse", "update")
@@ -41,9 +42,7 @@ def read_mode(properties: Mapping[str, Any]) -> Mode:
     for mode in MODES:
         if raw == mode:
             return mode
-    raise InvalidContactData(
-        f'The duplicates setting "{raw[:32]}" is unknown; choose create, reuse or update.'
-    )
+    raise InvalidContactData("duplicates_unknown", raw=f'"{raw[:32]}"')
 
 
 def read_responsible(properties: Mapping[str, Any]) -> int | None:
@@ -58,9 +57,7 @@ def read_responsible(properties: Mapping[str, Any]) -> int | None:
         return None
     found = _USER.match(raw)
     if found is None or int(found.group(1)) <= 0:
-        raise InvalidContactData(
-            f'The responsible person "{raw[:32]}" is not one user; choose a single employee.'
-        )
+        raise InvalidContactData("responsible_not_user", raw=f'"{raw[:32]}"')
     return int(found.group(1))
 
 
@@ -110,14 +107,16 @@ class Decision:
     matches: int = 0
     fill: dict[str, Any] = field(default_factory=dict)  # crm.contact.update fields (update mode)
 
-    def note(self, contact_id: int) -> str:
-        """The workflow log line: which contact, found by what, and how many matched."""
-        text = f"Found contact {contact_id} by {self.by} {self.value}"
+    def note(self, contact_id: int, lang: Lang = "en", fill_error: str = "") -> str:
+        """The workflow log line: which contact, found by what, how many matched, what was filled."""
+        line = text(lang, f"found_by_{self.by}", contact_id=contact_id, value=self.value)
         if self.matches > 1:
-            text += f"; {self.matches} contacts match, the oldest was taken"
-        if self.fill:
-            text += f"; filled in: {', '.join(sorted(self.fill))}"
-        return text
+            line += text(lang, "found_several", count=self.matches)
+        if fill_error:
+            line += text(lang, "found_not_filled", detail=fill_error)
+        elif self.fill:
+            line += text(lang, "found_filled", fields=", ".join(sorted(self.fill)))
+        return line
 
 
 def phone_key(value: str, default_region: str) -> str:

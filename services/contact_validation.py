@@ -11,19 +11,34 @@ from typing import Any
 import phonenumbers
 from email_validator import EmailNotValidError, validate_email
 
+from services.messages import Lang, text
+
 NAME_MAX = 50  # the width of NAME, SECOND_NAME and LAST_NAME in Bitrix24's CRM tables
 _SPACES = re.compile(r"\s+")
 
 
 class InvalidContactData(ValueError):
-    """The robot's inputs cannot make a contact; the message is meant for the portal admin."""
+    """The robot's inputs cannot make a contact; the message is meant for the portal admin.
+
+    `str()` is the English text; `message(lang)` the text in the portal's language.
+    """
+
+    def __init__(self, key: str, **params: object) -> None:
+        self.key, self.params = key, params
+        super().__init__(self.message("en"))
+
+    def message(self, lang: Lang) -> str:
+        params = dict(self.params)
+        if "field" in params:
+            params["field"] = text(lang, str(params["field"]))
+        return text(lang, self.key, **params)
 
 
 def contact_fields(properties: dict[str, Any], default_region: str) -> dict[str, Any]:
     """CRM fields for the contact, or InvalidContactData with the first reason it cannot be made."""
     last, first, middle = (_name(properties, key) for key in ("last_name", "first_name", "second_name"))
     if not last and not first:
-        raise InvalidContactData("Neither a last name nor a first name was given; set at least one of them.")
+        raise InvalidContactData("no_name")
     fields: dict[str, Any] = {"LAST_NAME": last, "NAME": first, "SECOND_NAME": middle}
     phone = _text(properties, "phone")
     if phone:
@@ -39,14 +54,11 @@ def normalize_phone(raw: str, default_region: str) -> str:
     try:
         number = phonenumbers.parse(raw, default_region)
     except phonenumbers.NumberParseException as exc:
-        raise InvalidContactData(f"The phone {_quote(raw)} is not a phone number.") from exc
+        raise InvalidContactData("phone_unparseable", raw=_quote(raw)) from exc
     if _letters_as_digits(raw, number):
-        raise InvalidContactData(f"The phone {_quote(raw)} has letters where digits belong.")
+        raise InvalidContactData("phone_letters", raw=_quote(raw))
     if not phonenumbers.is_valid_number(number):
-        raise InvalidContactData(
-            f"The phone {_quote(raw)} is not a valid phone number"
-            f" (numbers without a country code are read as {default_region})."
-        )
+        raise InvalidContactData("phone_invalid", raw=_quote(raw), region=default_region)
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
 
 
@@ -62,15 +74,15 @@ def normalize_email(raw: str) -> str:
     try:
         return validate_email(raw, check_deliverability=False).normalized
     except EmailNotValidError as exc:
-        raise InvalidContactData(f"The e-mail {_quote(raw)} is not a valid address: {exc}") from exc
+        raise InvalidContactData("email_invalid", raw=_quote(raw), reason=exc) from exc
 
 
 def _name(properties: dict[str, Any], key: str) -> str:
     value = _SPACES.sub(" ", _text(properties, key))
     if any(unicodedata.category(char) in ("Cc", "Cf") for char in value):
-        raise InvalidContactData(f"The {key.replace('_', ' ')} contains control characters.")
+        raise InvalidContactData("name_control", field=key)
     if len(value) > NAME_MAX:
-        raise InvalidContactData(f"The {key.replace('_', ' ')} is longer than {NAME_MAX} characters.")
+        raise InvalidContactData("name_too_long", field=key, limit=NAME_MAX)
     return value
 
 

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from repositories.job_journal import Job
-from services.bitrix_client import BitrixClient, BitrixError, action_hint
+from services import messages
+from services.bitrix_client import BitrixClient, BitrixError
 from services.contact_matching import (
     Decision,
     Found,
@@ -23,6 +24,7 @@ from services.contact_matching import (
     search_commands,
     update_params,
 )
+from services.messages import Lang
 from services.retry import RetryPolicy
 
 
@@ -30,6 +32,7 @@ class Writes(Protocol):
     """The worker's journal writes for one pass (services/worker.py `_Writes`)."""
 
     sends: list[tuple[int, int, str]]
+    lang: Lang
 
     def to_send(self, job: Job, contact_id: int, error: str) -> Job: ...
 
@@ -96,7 +99,8 @@ def _search_failed(steps: Steps, jobs: list[Job], exc: BitrixError) -> list[Job]
         for job in jobs:
             steps.writes.retry(job, exc, steps.policy)
         return []
-    reason = f"Existing contacts could not be searched: {exc}{action_hint(exc)}"
+    lang = steps.writes.lang
+    reason = messages.text(lang, "search_refused", detail=exc, hint=messages.hint(lang, exc))
     return [steps.writes.to_send(job, 0, reason) for job in jobs]
 
 
@@ -110,12 +114,11 @@ async def _take_found(
     ready: list[Job] = []
     for job in found:
         decision, error = decisions[job.id], failures.get(job.id)
-        note = decision.note(decision.contact_id)
         if error is not None and error.retryable:
             steps.writes.retry(job, error, steps.policy)
             continue
-        if error is not None:  # the contact is still the answer; the log says what was not filled
-            note = f"{note.split('; filled in:')[0]}; its empty fields were not filled: {error}"
+        # A refused fill leaves the contact the answer; the log says what was not filled.
+        note = decision.note(decision.contact_id, steps.writes.lang, str(error or ""))
         ready.append(steps.writes.found(job, decision.contact_id, note))
     return ready
 
@@ -130,7 +133,7 @@ def _take_in_pass(steps: Steps, jobs: list[Job], decisions: Mapping[int, Decisio
             continue
         contact_id = created.get(decision.creator, 0)
         if decision.action == "found" and contact_id:
-            ready.append(steps.writes.found(job, contact_id, decision.note(contact_id)))
+            ready.append(steps.writes.found(job, contact_id, decision.note(contact_id, steps.writes.lang)))
         else:  # its creator failed, or `update` mode: the next pass finds it in the portal
             steps.writes.retry(job, BitrixError("the same person's contact is being created"), steps.policy)
     return ready

@@ -13,6 +13,7 @@ from repositories.job_journal import JobJournal, NewJob
 from repositories.oauth_state_store import OAuthStateStore
 from repositories.token_store import TokenStore, TokenStoreError
 from schemas import (
+    REFRESH_TOKEN_LIFETIME,
     AppFrame,
     EventAuth,
     Health,
@@ -28,6 +29,7 @@ from schemas import (
     UpdateEvent,
     expiry,
 )
+from services import messages, metrics
 from services.bitrix_client import (
     BitrixApiError,
     BitrixClient,
@@ -43,6 +45,7 @@ from services.errors import (
     NotConfigured,
     UpstreamUnavailable,
 )
+from services.handler_check import handler_warnings
 from services.observability import portal_var, register_secret, workflow_var
 from services.portal_moves import move_advice
 from services.robot_registration import Outcome, RobotRegistration
@@ -110,6 +113,8 @@ class ProcessingService:
             scope=auth.scope,
             user_id=auth.user_id,
             server_endpoint=auth.server_endpoint,
+            language=_language_id(event.data.get("LANGUAGE_ID")),
+            refresh_issued_at=time.time(),
         )
         return await self._install(candidate)
 
@@ -128,6 +133,8 @@ class ProcessingService:
             application_token=form.APPLICATION_TOKEN,
             scope=form.APPLICATION_SCOPE,
             server_endpoint=form.SERVER_ENDPOINT,
+            language=form.LANG or None,
+            refresh_issued_at=time.time(),
         )
         return await self._install(candidate)
 
@@ -277,6 +284,7 @@ class ProcessingService:
         if not record.works:
             record = await self._heal(record, call.auth)
         job_id, created = await self._journal.add(self._new_job(call, record))
+        metrics.ROBOT_CALLS.labels(outcome="accepted" if created else "duplicate").inc()
         if not created:
             logger.info("Robot call delivered again; job %d already has it", job_id)
             return RobotAck(status="duplicate", job_id=job_id)
@@ -348,14 +356,49 @@ class ProcessingService:
             queue=await self._journal.stats(),
         )
 
-    async def status_report(self, frame: AppFrame | None) -> StatusReport:
+    async def status_report(
+        self, frame: AppFrame | None, accept_language: str | None, listen_port: int | None
+    ) -> StatusReport:
         """The status page; portal details and recent runs only for a user inside that portal."""
         health = await self.health()
+        settings = self._settings
+        report = StatusReport(
+            health=health,
+            handler_url=settings.robot_handler_url,
+            handler_warnings=handler_warnings(settings.app_base_url, listen_port),
+            language=messages.choose(
+                await self._page_language(frame), accept_language, settings.default_language
+            ),
+        )
         if frame is None or not await self._is_portal_frame(frame):
-            return StatusReport(health=health)
+            return report
+        await self._remember_language(frame)
         portals, _ = await self._portal_statuses()
-        runs = await self._journal.recent(20)
-        return StatusReport(health=health, portals=portals, runs=runs, verified=True)
+        scheme = "https" if frame.PROTOCOL == "1" else "http"
+        return report.model_copy(
+            update={
+                "portals": portals,
+                "runs": await self._journal.recent(20),
+                "verified": True,
+                "portal_url": f"{scheme}://{frame.DOMAIN.lower()}",
+            }
+        )
+
+    async def _page_language(self, frame: AppFrame | None) -> str | None:
+        """The frame's `LANG`; else the installed portal's language, when there is one portal."""
+        if frame is not None and frame.LANG:
+            return frame.LANG
+        try:
+            portals = await self._tokens.list()
+        except TokenStoreError:
+            return None  # the page says so elsewhere; it still renders
+        return portals[0].language if len(portals) == 1 else None
+
+    async def _remember_language(self, frame: AppFrame) -> None:
+        """A portal installed before languages were stored learns its own the first time it is opened."""
+        record = await self._tokens.get(frame.member_id)
+        if record is not None and record.language is None and frame.LANG:
+            await self._tokens.save(record.model_copy(update={"language": frame.LANG}))
 
     async def _is_portal_frame(self, frame: AppFrame) -> bool:
         try:
@@ -386,6 +429,7 @@ def _portal_status(record: PortalTokens, unsaved: str | None) -> PortalStatus:
         reason = "Its refresh token is over 180 days old and has expired. " + _RECONNECT
     elif not reason and not record.works:
         reason = "No usable tokens are stored. " + _RECONNECT
+    age = record.refresh_age() / 86400 if record.refresh_token else None
     return PortalStatus(
         member_id=record.member_id,
         domain=record.domain,
@@ -395,6 +439,9 @@ def _portal_status(record: PortalTokens, unsaved: str | None) -> PortalStatus:
         connected=record.works,
         disconnected_reason=reason,
         tokens_unsaved=f"{unsaved} {_KEPT.format(record.domain)}" if unsaved else None,
+        refresh_token_age_days=age,
+        refresh_token_days_left=None if age is None else max(0.0, REFRESH_TOKEN_LIFETIME / 86400 - age),
+        robot_checked_at=record.robot_registered_at,
         robot_problem=record.robot_problem,
         renamed_from=record.renamed_from,
         moved_to=record.moved_to,
@@ -418,5 +465,10 @@ def _with_event_tokens(record: PortalTokens, event: UpdateEvent) -> PortalTokens
             # A fresh refresh token makes a dead pair work again.
             "refresh_issued_at": time.time() if auth.refresh_token else record.refresh_issued_at,
             "disconnected_reason": None if auth.refresh_token else record.disconnected_reason,
+            "language": _language_id(event.data.get("LANGUAGE_ID")) or record.language,
         }
     )
+
+
+def _language_id(value: object) -> str | None:
+    return value.strip() if isinstance(value, str) and value.strip() else None

@@ -11,7 +11,7 @@ import hashlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -21,10 +21,11 @@ from filelock import FileLock, Timeout
 
 from config import Settings
 from repositories.job_journal import Job, JobJournal, JobState
-from services import find_or_create
+from services import find_or_create, messages, metrics
 from services.bitrix_client import BatchResult, BitrixAccessDenied, BitrixClient, BitrixError, action_hint
 from services.contact_matching import request_fields
 from services.contact_validation import InvalidContactData
+from services.messages import Lang
 from services.observability import portal_var, workflow_var
 from services.retry import RetryPolicy
 
@@ -48,9 +49,15 @@ class JobWorker:
     """Processes due jobs until cancelled; `wake()` when a new job is journaled."""
 
     def __init__(
-        self, journal: JobJournal, bitrix: BitrixClient, settings: Settings, policy: RetryPolicy
+        self,
+        journal: JobJournal,
+        bitrix: BitrixClient,
+        settings: Settings,
+        policy: RetryPolicy,
+        language_of: Callable[[str], Awaitable[Lang]] | None = None,
     ) -> None:
         self._journal = journal
+        self._language_of = language_of or _english
         self._bitrix = bitrix
         self._settings = settings
         self._policy = policy
@@ -166,7 +173,7 @@ class JobWorker:
         await asyncio.sleep(self._settings.batch_linger_seconds)
 
     async def _process_portal(self, member_id: str, jobs: list[Job]) -> None:
-        writes = _Writes()
+        writes = _Writes(lang=await self._language_of(member_id))
         ready = [job for job in jobs if job.state == "send"]
         adds = [job for job in jobs if job.state == "add"]
         if adds:
@@ -213,15 +220,13 @@ class JobWorker:
         fields: dict[int, dict[str, Any]] = {}
         for job in jobs:
             if time.time() > _add_deadline(job):
-                reason = (
-                    f"The contact could not be created in time: {job.error or 'the portal did not answer'}"
-                )
-                ready.append(writes.to_send(job, 0, reason))
+                cause = job.error or messages.text(writes.lang, "no_answer")
+                ready.append(writes.to_send(job, 0, messages.text(writes.lang, "not_in_time", reason=cause)))
                 continue
             try:
                 fields[job.id] = request_fields(job.properties, self._settings.phone_default_region)
             except InvalidContactData as exc:
-                ready.append(writes.to_send(job, 0, str(exc)))
+                ready.append(writes.to_send(job, 0, exc.message(writes.lang)))
         return ready, fields
 
     async def _find_existing(self, member_id: str, jobs: Sequence[Job]) -> dict[int, int]:
@@ -266,7 +271,7 @@ class JobWorker:
             elif error.retryable:
                 writes.retry(job, error, self._policy)
             else:
-                ready.append(writes.to_send(job, 0, _portal_refused(error)))
+                ready.append(writes.to_send(job, 0, _portal_refused(error, writes.lang)))
         return ready
 
     def _add_failed(self, jobs: list[Job], exc: BitrixError, writes: "_Writes") -> list[Job]:
@@ -274,13 +279,13 @@ class JobWorker:
             for job in jobs:
                 writes.retry(job, exc, self._policy)
             return []
-        message = f"The contact was not created: {exc}. {exc.admin_hint}"
+        message = messages.text(writes.lang, "not_created", detail=exc, hint=messages.hint(writes.lang, exc))
         return [writes.to_send(job, 0, message) for job in jobs]
 
     # --- answers -------------------------------------------------------------------------------
 
     async def _answer(self, member_id: str, jobs: list[Job], writes: "_Writes") -> None:
-        commands = {_key(job): ("bizproc.event.send", _answer_params(job)) for job in jobs}
+        commands = {_key(job): ("bizproc.event.send", _answer_params(job, writes.lang)) for job in jobs}
         try:
             outcome = await self._bitrix.batch(member_id, commands)
         except BitrixError as exc:
@@ -297,14 +302,14 @@ class JobWorker:
         # Our tokens are unusable (revoked, refresh refused): answer with the call's own token.
         logger.warning("Answering with the portal's token failed (%s); using each call's own token", exc)
         for job in jobs:
-            writes.answered(job, await self._answer_with_call_token(job), self._policy)
+            writes.answered(job, await self._answer_with_call_token(job, writes.lang), self._policy)
 
-    async def _answer_with_call_token(self, job: Job) -> BitrixError | None:
+    async def _answer_with_call_token(self, job: Job, lang: Lang) -> BitrixError | None:
         if not job.call_access_token:
             return BitrixError("no token to answer with")
         try:
             await self._bitrix.call_with_token(
-                job.client_endpoint, job.call_access_token, "bizproc.event.send", _answer_params(job)
+                job.client_endpoint, job.call_access_token, "bizproc.event.send", _answer_params(job, lang)
             )
         except BitrixError as exc:
             return exc
@@ -324,6 +329,7 @@ class JobWorker:
 class _Writes:
     """One pass's journal updates: decided per job, written in one transaction per kind."""
 
+    lang: Lang = "en"  # the portal's: the workflow's `error` and LOG_MESSAGE are in it
     sends: list[tuple[int, int, str]] = field(default_factory=list)
     notes: list[tuple[int, str]] = field(default_factory=list)
     retries: list[tuple[int, float, str]] = field(default_factory=list)
@@ -359,6 +365,7 @@ class _Writes:
     def unanswered(self, job: Job) -> None:
         """Finish a job whose workflow expects no answer."""
         self.finished.append((job.id, "done", ""))
+        metrics.ROBOT_CALLS.labels(outcome="answered_with_error" if job.error else "created").inc()
         _set_context(job)
         logger.info("Job %d done: contact_id=%d; no answer sent (use_subscription=N)", job.id, job.contact_id)
 
@@ -366,12 +373,14 @@ class _Writes:
         _set_context(job)
         if error is None:
             self.finished.append((job.id, "done", ""))
+            metrics.ROBOT_CALLS.labels(outcome="answered_with_error" if job.error else "created").inc()
             suffix = f", error: {job.error}" if job.error else ""
             logger.info("Job %d done: contact_id=%d%s", job.id, job.contact_id, suffix)
         elif isinstance(error, BitrixAccessDenied):
             # The core refuses only a token that fails its signature check (restservice.php
             # extractEventToken); a late answer is accepted and dropped, so this is not "too late".
             self.finished.append((job.id, "failed", job.error))
+            metrics.ROBOT_CALLS.labels(outcome="failed").inc()
             logger.error(
                 "Job %d failed: the portal refused the event token, the answer was not delivered (%s)",
                 job.id,
@@ -381,6 +390,7 @@ class _Writes:
             self.retry(job, error, policy)
         else:
             self.finished.append((job.id, "failed", job.error))
+            metrics.ROBOT_CALLS.labels(outcome="failed").inc()
             logger.error(
                 "Job %d failed: the workflow could not be answered: %s. %s", job.id, error, error.admin_hint
             )
@@ -416,8 +426,8 @@ def _add_params(job: Job, fields: dict[str, Any]) -> dict[str, Any]:
     return {"fields": marked, "params": {"REGISTER_SONET_EVENT": "N"}}
 
 
-def _answer_params(job: Job) -> dict[str, Any]:
-    log = job.error or job.found_note or f"Contact {job.contact_id} created"
+def _answer_params(job: Job, lang: Lang) -> dict[str, Any]:
+    log = job.error or job.found_note or messages.text(lang, "created", contact_id=job.contact_id)
     duplicate = "Y" if job.found_note and not job.error else "N"
     return {
         "event_token": job.event_token,
@@ -426,6 +436,12 @@ def _answer_params(job: Job) -> dict[str, Any]:
     }
 
 
-def _portal_refused(error: BitrixError) -> str:
+def _portal_refused(error: BitrixError, lang: Lang) -> str:
     detail = getattr(error, "description", "") or str(error)
-    return f"The portal refused to create the contact: {detail}{action_hint(error)}"
+    if action_hint(error):  # a classified error: its own hint says what to do
+        return messages.text(lang, "portal_refused_hint", detail=detail, hint=messages.hint(lang, error))
+    return messages.text(lang, "portal_refused", detail=detail)
+
+
+async def _english(member_id: str) -> Lang:
+    return "en"

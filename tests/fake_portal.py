@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
+import html
 import json
 import math
 import re
@@ -173,6 +174,9 @@ class FakePortalConfig:
     rate_drain: float = 2.0  # leaky bucket Y per second
     redirect_uri: str = "http://127.0.0.1:8000/app"  # where /oauth/authorize/ redirects
     admin_user_id: int = 1
+    # The portal's language: `data[LANGUAGE_ID]` of ONAPPINSTALL and `LANG` of the frame (wire doc
+    # 1.2, 1.4); real portals send `ru`, `en`, `de`, ...
+    language: str = "en"
     # Per-method time limit (limits.md, "Resource Intensity Limits"): seconds of `operating` per
     # method in a sliding window of ten buckets; None = no limit (the on-premise default).
     operating_limit: float | None = None
@@ -1416,7 +1420,7 @@ class FakePortal:
             with self._state.lock:
                 self._state.app_token = application_token
         pair = self._state.issue_tokens(user_id)
-        data = {"VERSION": "1", "ACTIVE": "Y", "INSTALLED": "Y", "LANGUAGE_ID": "ru"}
+        data = {"VERSION": "1", "ACTIVE": "Y", "INSTALLED": "Y", "LANGUAGE_ID": self.config.language}
         return build_php_query(
             [
                 ("event", "ONAPPINSTALL"),
@@ -1433,7 +1437,7 @@ class FakePortal:
             [
                 ("DOMAIN", self.domain),
                 ("PROTOCOL", "0"),
-                ("LANG", "ru"),
+                ("LANG", self.config.language),
                 ("APP_SID", secrets.token_hex(16)),
             ]
         )
@@ -1549,7 +1553,7 @@ class FakePortal:
         auth = self._auth_block(pair, None)
         auth.pop("expires")  # the documented ONAPPUPDATE auth block has no `expires` ...
         auth.pop("user_id")  # ... and no `user_id`
-        data = {"VERSION": version, "PREVIOUS_VERSION": "1", "LANGUAGE_ID": "ru"}
+        data = {"VERSION": version, "PREVIOUS_VERSION": "1", "LANGUAGE_ID": self.config.language}
         return build_php_query(
             [("event", "ONAPPUPDATE"), ("data", data), ("ts", str(int(time.time()))), ("auth", auth)]
         )
@@ -1569,7 +1573,7 @@ class FakePortal:
         return build_php_query(
             [
                 ("event", "ONAPPUNINSTALL"),
-                ("data", {"LANGUAGE_ID": "ru", "CLEAN": "1"}),
+                ("data", {"LANGUAGE_ID": self.config.language, "CLEAN": "1"}),
                 ("ts", str(int(time.time()))),
                 ("auth", self._auth_block(None, application_token)),
             ]
@@ -1752,6 +1756,10 @@ class FakePortal:
             Route("/oauth/token", self._oauth_token, methods=both),
             Route("/oauth/authorize/", self._oauth_authorize, methods=["GET"]),
             Route("/oauth/authorize", self._oauth_authorize, methods=["GET"]),
+            Route("/marketplace/app/{app_id}/", self._open_app, methods=["GET"]),
+            Route("/", self._crm_page, methods=["GET"]),
+            Route("/crm/{entity}/details/{number}/", self._crm_page, methods=["GET"]),
+            Route("/crm/type/{type_id}/details/{number}/", self._crm_page, methods=["GET"]),
             *control.routes(),
         ]
 
@@ -1849,6 +1857,38 @@ class FakePortal:
             return HTMLResponse(page, status_code=400)
         state = request.query_params.get("state", "")
         return RedirectResponse(self.authorize_redirect(state), status_code=302)
+
+    async def _open_app(self, request: Request) -> Response:
+        """The portal's page of a local app (`/marketplace/app/<id>/`): the frame form, POSTed into an iframe.
+
+        `?handler=` is the app's handler path. The real portal's page is the same in what matters
+        here: a form with `AUTH_ID`, `member_id`, ... in the body and `DOMAIN`, `PROTOCOL`, `LANG`,
+        `APP_SID` in the query, submitted into a frame the app's page then lives in
+        (b24restdocs `settings/oauth/simple-way.md`).
+        """
+        handler = request.query_params.get("handler", "")
+        query, body = self.iframe_install()
+        action = html.escape(f"{handler}?{query}")
+        inputs = "".join(
+            f'<input type="hidden" name="{html.escape(key)}" value="{html.escape(value)}">'
+            for key, value in parse_qsl(body, keep_blank_values=True)
+        )
+        page = (
+            '<!doctype html><html><head><meta charset="utf-8"><title>Bitrix24</title>'
+            '<link rel="icon" href="data:,"></head><body style="margin:0">'
+            '<iframe name="app" id="app" style="border:0;width:100%;height:100vh"></iframe>'
+            f'<form id="open" method="post" target="app" action="{action}">'
+            f"{inputs}</form><script>document.getElementById('open').submit();</script></body></html>"
+        )
+        return HTMLResponse(page)
+
+    async def _crm_page(self, request: Request) -> Response:
+        """The portal's start page, or a CRM item's (`/crm/deal/details/4521/`): links into it resolve."""
+        title = html.escape(request.url.path)
+        return HTMLResponse(
+            f'<!doctype html><html><head><meta charset="utf-8"><title>{title}</title>'
+            f'<link rel="icon" href="data:,"></head><body><h1 id="crm-item">{title}</h1></body></html>'
+        )
 
 
 class _ControlApi:
@@ -1995,6 +2035,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--refresh-ttl", type=float, default=defaults.refresh_ttl)
     parser.add_argument("--lenient-refresh", action="store_true", help="old refresh tokens live on")
     parser.add_argument("--redirect-uri", default=defaults.redirect_uri)
+    parser.add_argument("--language", default=defaults.language, help="LANGUAGE_ID and LANG: en, ru, ...")
     return parser.parse_args(argv)
 
 
@@ -2011,6 +2052,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rate_burst=None if args.no_rate_limit else args.rate_burst,
         rate_drain=args.rate_drain,
         redirect_uri=args.redirect_uri,
+        language=args.language,
     )
     portal = FakePortal(config)
     portal.start(port=args.port)

@@ -40,13 +40,21 @@ def app_env(portal: FakePortal, app_url: str, **extra: str) -> dict[str, str]:
 class AppProcess:
     """`python -m uvicorn main:app` in `workdir` (so its state files land there)."""
 
-    def __init__(self, workdir: Path, env: dict[str, str], port: int, log: Path, workers: int = 1) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        env: dict[str, str],
+        port: int,
+        log: Path,
+        workers: int = 1,
+        ready_timeout: float = 20.0,
+    ) -> None:
         self.url = f"http://127.0.0.1:{port}"
         self._log = log.open("ab")
         command = [sys.executable, "-m", "uvicorn", "main:app", "--app-dir", str(PROJECT)]
         command += ["--host", "127.0.0.1", "--port", str(port), "--no-access-log", "--workers", str(workers)]
         self.process = subprocess.Popen(command, cwd=workdir, env=env, stdout=self._log, stderr=self._log)
-        self._wait_ready()
+        self._wait_ready(ready_timeout)
 
     def _wait_ready(self, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout

@@ -10,7 +10,7 @@ from asgi_lifespan import LifespanManager
 from config import get_settings
 from main import create_app
 from tests.conftest import APP_URL, answer_for, eventually, make_settings, post_form
-from tests.fake_portal import FakePortal
+from tests.fake_portal import FakePortal, FakePortalConfig
 
 pytestmark = pytest.mark.anyio
 
@@ -334,3 +334,12 @@ async def test_a_refused_search_answers_with_the_reason_and_creates_nothing(
     assert answer["return_values"]["error"].startswith("Existing contacts could not be searched: ")
     assert "Access denied" in answer["return_values"]["error"]
     assert portal.contacts == []
+
+
+async def test_a_russian_portal_reads_the_found_note_in_russian(tmp_path: Path) -> None:
+    with FakePortal(FakePortalConfig(language="ru", redirect_uri=f"{APP_URL}/app")) as portal:
+        existing = portal.add_contact({"LAST_NAME": "Ivanov", "PHONE": STORED_PHONE})
+        [answer] = await one_pass(tmp_path, portal, [{**PERSON, "duplicates": "reuse"}])
+
+    assert returned(answer) == (existing, "Y", "")
+    assert answer["log_message"] == f"Найден контакт {existing} по телефону +79991234567"

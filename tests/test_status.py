@@ -3,6 +3,7 @@
 import asyncio
 import os
 import stat
+import time
 from pathlib import Path
 
 import httpx
@@ -35,11 +36,10 @@ async def test_health_and_status_page_after_a_robot_run(
     await answer_for(portal, token)
     query, frame = portal.iframe_install()
 
-    # The portal has the answer a moment before the app has journaled its reply: wait for that.
-    for _ in range(500):
-        health = (await installed.get("/health")).json()
-        if health["queue"]["done"] == 1:
-            break
+    # The portal has the answer a moment before the journal records it.
+    deadline = time.monotonic() + 10
+    while (health := (await installed.get("/health")).json())["queue"]["done"] < 1:
+        assert time.monotonic() < deadline, "the journal never recorded the answer"
         await asyncio.sleep(0.02)
     page = await post_form(installed, f"/app?{query}", frame)
 
