@@ -8,11 +8,16 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from repositories.token_cipher import TokenCipher
+
 
 class Settings(BaseSettings):
     """Every setting the app reads; the README documents each one."""
 
-    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+    # hide_input_in_errors: a wrong DATABASE_URL or key must not print its password in the error.
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", hide_input_in_errors=True
+    )
 
     bitrix_client_id: str | None = None
     bitrix_client_secret: SecretStr | None = None
@@ -24,6 +29,9 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
 
     job_db_file: Path = Path("jobs.sqlite3")
+    # postgresql://user:password@host:port/db: shared state for several instances (README "Several hosts")
+    database_url: SecretStr | None = None
+    token_encryption_key: SecretStr | None = None
     phone_default_region: str = "RU"
     rate_limit_burst: int = Field(default=50, ge=1)
     rate_limit_per_second: float = Field(default=2.0, gt=0)
@@ -42,6 +50,23 @@ class Settings(BaseSettings):
     @classmethod
     def _strip_slash(cls, value: str | None) -> str | None:
         return value.rstrip("/") if value else value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_is_postgres(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None
+        if urlsplit(value.get_secret_value()).scheme not in ("postgresql", "postgres"):
+            raise ValueError("DATABASE_URL must look like postgresql://user:password@host:port/db")
+        return value
+
+    @field_validator("token_encryption_key")
+    @classmethod
+    def _key_is_fernet(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None
+        TokenCipher(value.get_secret_value().strip())  # raises TokenKeyError, which says how to make one
+        return SecretStr(value.get_secret_value().strip())
 
     @field_validator("bitrix_portal_url")
     @classmethod
@@ -78,7 +103,14 @@ class Settings(BaseSettings):
 
     def secret_values(self) -> list[str]:
         """Values that must never appear in a log line."""
-        return [self.bitrix_client_secret.get_secret_value()] if self.bitrix_client_secret else []
+        values = [self.bitrix_client_secret.get_secret_value()] if self.bitrix_client_secret else []
+        if self.token_encryption_key:
+            values.append(self.token_encryption_key.get_secret_value())
+        if self.database_url:
+            values.append(self.database_url.get_secret_value())
+            password = urlsplit(self.database_url.get_secret_value()).password
+            values += [password] if password else []
+        return values
 
 
 @lru_cache

@@ -8,8 +8,10 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
+import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -18,11 +20,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from config import Settings, get_settings
 from dependencies import AppState
-from repositories.job_journal import SqliteJobJournal
-from repositories.oauth_state_store import SqliteOAuthStateStore
-from repositories.token_store import JsonTokenStore, TokenStoreError
+from repositories.token_store import TokenKeyMismatch, TokenStore, TokenStoreError
 from router import router
 from services import metrics, pages
+from services.backend import open_backend
 from services.bitrix_client import BitrixClient, BitrixError
 from services.errors import AppError, ErrorCode
 from services.handler_check import handler_warnings, log_handler_warnings
@@ -58,22 +59,24 @@ async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
     timeout = httpx.Timeout(settings.http_timeout_seconds, connect=5.0)
     # Tests route portal and authorization-server hosts to 127.0.0.1 through `app.state.bitrix_transport`.
     transport: httpx.AsyncBaseTransport | None = getattr(app.state, "bitrix_transport", None)
-    async with httpx.AsyncClient(
-        timeout=timeout, headers={"User-Agent": "bitrix24-contact-robot/1.0"}, transport=transport
-    ) as http:
-        tokens = JsonTokenStore(settings.token_file)
+    headers = {"User-Agent": "bitrix24-contact-robot/1.0"}
+    async with (
+        httpx.AsyncClient(timeout=timeout, headers=headers, transport=transport) as http,
+        open_backend(settings) as backend,
+    ):
+        tokens, journal = backend.tokens, backend.journal
         await _remember_stored_secrets(tokens)
-        journal = SqliteJobJournal(settings.job_db_file)
-        states = SqliteOAuthStateStore(settings.job_db_file)
         policy = RetryPolicy()
         limiter = PortalRateLimiter(settings.rate_limit_burst, settings.rate_limit_per_second)
         bitrix = BitrixClient(http, tokens, settings, limiter, policy)
         languages = PortalLanguages(tokens, settings.default_language)
-        worker = JobWorker(journal, bitrix, settings, policy, language_of=languages.of)
+        worker = JobWorker(journal, bitrix, settings, policy, backend.leadership, language_of=languages.of)
         robots = RobotRegistration(settings, tokens, bitrix, policy)
         # At start and every hour, by the one process that leads the job worker.
         worker.while_leading(robots.keep_registered)
-        service = ProcessingService(settings, tokens, bitrix, journal, states, worker.wake, robots)
+        service = ProcessingService(
+            settings, tokens, bitrix, journal, backend.states, worker.wake, robots, backend.cluster_status
+        )
         task = asyncio.create_task(worker.run(), name="job-worker")
         upkeep = asyncio.create_task(TokenUpkeep(tokens, bitrix, settings).run(), name="token-upkeep")
         try:
@@ -84,9 +87,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
                 with suppress(asyncio.CancelledError):
                     await background
             await robots.close()
-            await journal.close()
-            await states.close()
-            logger.info("Shut down")
+        logger.info("Shut down")
 
 
 def _report_settings(settings: Settings) -> None:
@@ -97,12 +98,16 @@ def _report_settings(settings: Settings) -> None:
             "until you set them in .env (see .env.example) and restart.",
             ", ".join(missing),
         )
+    if settings.database_url is None:
+        storage = f"token file {settings.token_file}; job journal {settings.job_db_file}"
+    else:
+        storage = f"PostgreSQL at {_safe_host(settings.database_url.get_secret_value())}"
     logger.info(
-        "Robot handler %s; portal %s; token file %s; job journal %s",
+        "Robot handler %s; portal %s; %s; tokens %s",
         settings.robot_handler_url,
         settings.bitrix_portal_url or "any Bitrix24 cloud portal",
-        settings.token_file,
-        settings.job_db_file,
+        storage,
+        "encrypted" if settings.token_encryption_key else "not encrypted (TOKEN_ENCRYPTION_KEY unset)",
     )
     # PORT is set by start.sh/start.bat; under a bare `uvicorn` the port is unknown and not checked.
     port = os.environ.get("PORT", "")
@@ -120,10 +125,20 @@ def _report_settings(settings: Settings) -> None:
     )
 
 
-async def _remember_stored_secrets(tokens: JsonTokenStore) -> None:
+def _safe_host(url: str) -> str:
+    """The database's host, port and name, without the user's password."""
+    parts = urlsplit(url)
+    return f"{parts.hostname or 'local socket'}:{parts.port or 5432}{parts.path}"
+
+
+async def _remember_stored_secrets(tokens: TokenStore) -> None:
     try:
         for record in await tokens.list():
             register_secret(record.access_token, record.refresh_token, record.application_token)
+    except TokenKeyMismatch as exc:
+        # Starting would answer every call with an error, and risk writing beside unreadable tokens.
+        logger.critical("%s", exc)
+        raise
     except TokenStoreError as exc:
         logger.error("%s", exc)
 
@@ -209,12 +224,19 @@ def register_exception_handlers(app: FastAPI) -> None:
         logger.error("%s", exc)
         return _error_response(request, 503, ErrorCode.STORAGE_ERROR, str(exc))
 
+    async def database_error(request: Request, exc: Exception) -> Response:
+        # The driver's text names hosts and tables: it goes to the log, not to the caller.
+        logger.error("Database failure on %s %s: %s", request.method, request.url.path, exc)
+        detail = "The database (DATABASE_URL) is unavailable; nothing was stored. Try again."
+        return _error_response(request, 503, ErrorCode.STORAGE_ERROR, detail)
+
     handlers: dict[Any, Any] = {
         AppError: app_error,
         RequestValidationError: validation_error,
         StarletteHTTPException: http_error,
         BitrixError: upstream_error,
         TokenStoreError: storage_error,
+        psycopg.Error: database_error,
     }
     for exc_class, handler in handlers.items():
         app.add_exception_handler(exc_class, handler)

@@ -301,6 +301,23 @@ class RobotRun(BaseModel):
     document_id: str = ""  # `crm/CCrmDocumentDeal/DEAL_4521`: the CRM document the workflow runs on
 
 
+class InstanceSeen(BaseModel):
+    """One app instance that shares the database, from its heartbeat."""
+
+    instance: str
+    seen_seconds_ago: float
+    leader: bool
+
+
+class ClusterStatus(BaseModel):
+    """Where the state lives and which instance runs the job worker."""
+
+    backend: Literal["embedded", "postgresql"]
+    instance: str
+    worker_leader: str | None = None  # None: not known to this instance (embedded, another process)
+    instances: list[InstanceSeen] = Field(default_factory=list)  # seen in the last minute
+
+
 class Health(BaseModel):
     """`GET /health` reply."""
 
@@ -310,6 +327,7 @@ class Health(BaseModel):
     missing_settings: list[str]
     token_store_error: str | None = None
     queue: QueueStats
+    cluster: ClusterStatus | None = None
 
 
 class HandlerWarning(BaseModel):

@@ -241,7 +241,10 @@ def _source(args: argparse.Namespace) -> Source:
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     source = _source(args)
-    connections = [Connection(args.host, args.port, args.timeout) for _ in range(args.concurrency)]
+    ports = [args.port, *args.also_port]  # several instances behind one generator: round robin
+    connections = [
+        Connection(args.host, ports[i % len(ports)], args.timeout) for i in range(args.concurrency)
+    ]
     try:
         await asyncio.gather(*(c.open() for c in connections))
         warm_outcome = Outcome()
@@ -284,6 +287,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--also-port", type=int, action="append", default=[], help="another instance")
     parser.add_argument("--path", default="/robot")
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--bodies", help="file with one form body per line, each sent once, in order")

@@ -51,8 +51,10 @@ if str(PROJECT) not in sys.path:  # `python bench/run.py` puts only bench/ on th
     sys.path.insert(0, str(PROJECT))
 
 from bench import modes  # noqa: E402
+from bench.postgres import export_tokens, scenario_two, two_rows  # noqa: E402
 from config import Settings  # noqa: E402
 from tests.fake_portal import FakePortalConfig  # noqa: E402
+from tests.pg_server import TestPostgres  # noqa: E402
 
 RESULTS = PROJECT / "bench" / "results"
 HOST = "127.0.0.1"
@@ -362,6 +364,9 @@ class Bench:
 
     def __init__(self, plan: Plan, processes: Processes, portal: Portal, workdir: Path) -> None:
         self.plan, self.processes, self.portal, self.workdir = plan, processes, portal, workdir
+        # --database postgresql: a fresh database's URL per app (bench/postgres.py); None: embedded
+        self.database: Callable[[], str] | None = None
+        self.database_urls: dict[str, str] = {}  # app name → its database
         self._offset = 10_000  # every generated call gets its own index
 
     def indices(self, count: int) -> int:
@@ -380,8 +385,12 @@ class Bench:
             BITRIX_OAUTH_URL=self.portal.url,
             APP_BASE_URL=f"http://{HOST}:{port}",
             LOG_LEVEL="INFO",
-            **extra_env,
         )
+        if self.database is not None:
+            env["DATABASE_URL"] = self.database()
+        env.update(extra_env)
+        if "DATABASE_URL" in env:
+            self.database_urls[name] = env["DATABASE_URL"]
         server = Server(self.processes, "main:app", self.workdir / name, env, port)
         server.wait_ready("/health")
         reply = httpx.post(
@@ -575,6 +584,8 @@ def scenario_burst(bench: Bench) -> dict[str, Any]:
         good = _check_answers(portal, [token for token, _ in calls])
     finally:
         app.stop()
+    if "burst" in bench.database_urls:  # the naive client reads the tokens from a file
+        export_tokens(bench.database_urls["burst"], app.workdir / "tokens.json")
     naive = run_naive(bench, app.workdir / "tokens.json", count)
     requests = after["rest_requests"] - before["rest_requests"]
     arrival = result["elapsed"]
@@ -748,6 +759,7 @@ SCENARIOS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "burst": scenario_burst,
     "growth": scenario_growth,
     "profile": scenario_profile,
+    "two": scenario_two,
     "modes": modes.scenario_modes,
 }
 
@@ -909,6 +921,7 @@ ROWS: dict[str, Callable[[dict[str, Any]], list[tuple[str, str, str, str, str]]]
     "burst": _burst_rows,
     "growth": _growth_rows,
     "profile": _profile_rows,
+    "two": two_rows,
     "modes": modes.rows,
 }
 
@@ -984,6 +997,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", action="append", choices=sorted(SCENARIOS), help="run only this scenario")
     parser.add_argument("--drain", type=float, help="the fake's bucket drain per second for burst")
     parser.add_argument("--concurrency", type=int, help="client connections (default 32)")
+    parser.add_argument(
+        "--database", choices=("embedded", "postgresql"), default="embedded", help="the app's back end"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory (logs, bodies)")
     return parser.parse_args(argv)
 
@@ -992,13 +1008,17 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def _run(plan: Plan, names: Sequence[str], workdir: Path) -> dict[str, Any]:
+def _run(plan: Plan, names: Sequence[str], workdir: Path, database: str = "embedded") -> dict[str, Any]:
     processes = Processes()
     results: dict[str, Any] = {}
     portal: Portal | None = None
+    server: TestPostgres | None = None
     try:
         portal = Portal(processes, workdir, plan.drain)
         bench = Bench(plan, processes, portal, workdir)
+        if database == "postgresql":
+            server = TestPostgres()
+            bench.database = server.new_database
         for name in names:
             print(f"== {name}", flush=True)
             started = time.monotonic()
@@ -1012,6 +1032,8 @@ def _run(plan: Plan, names: Sequence[str], workdir: Path) -> dict[str, Any]:
         if portal is not None:
             portal.close()
         processes.stop_all()
+        if server is not None:
+            server.stop()
     return results
 
 
@@ -1024,14 +1046,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         plan = replace(plan, drain=args.drain)
     if args.concurrency:
         plan = replace(plan, concurrency=args.concurrency)
-    names = [name for name in SCENARIOS if not args.only or name in args.only]
+    # Two instances need a shared database: the "two" scenario runs only with --database postgresql.
+    wanted = [name for name in SCENARIOS if name != "two" or args.database == "postgresql"]
+    names = [name for name in wanted if not args.only or name in args.only]
     command = shlex.join(["python", "bench/run.py", *(argv if argv is not None else sys.argv[1:])])
     signal.signal(signal.SIGTERM, _on_sigterm)
     workdir = Path(tempfile.mkdtemp(prefix="bitrix24-bench-"))
     started = time.monotonic()
     print(f"{command}  (scratch: {workdir})", flush=True)
     try:
-        results = _run(plan, names, workdir)
+        results = _run(plan, names, workdir, args.database)
     except KeyboardInterrupt:
         print(f"\ninterrupted; every child process is stopped. Scratch kept: {workdir}", file=sys.stderr)
         return 130

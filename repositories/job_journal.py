@@ -61,6 +61,10 @@ class JobJournal(Protocol):
 
     async def claim(self, limit: int, lease_seconds: float) -> list[Job]: ...
 
+    async def reclaim_leases(self) -> int:
+        """End every lease (the worker that held them is gone: it lost leadership); how many."""
+        ...
+
     async def due_count(self, limit: int) -> int:
         """How many jobs could be claimed now, counting no further than `limit`."""
         ...
@@ -206,6 +210,17 @@ class SqliteJobJournal:
                 (now + lease_seconds, now, now, limit),
             ).fetchall()
         return sorted((_job(row) for row in rows), key=lambda job: job.id)
+
+    async def reclaim_leases(self) -> int:
+        return await asyncio.to_thread(self._reclaim_leases)
+
+    def _reclaim_leases(self) -> int:
+        with self._lock:
+            cursor = self._db.execute(
+                "UPDATE jobs SET lease_until = 0 WHERE state IN ('add', 'send') AND lease_until > ?",
+                (time.time(),),
+            )
+            return cursor.rowcount
 
     async def due_count(self, limit: int) -> int:
         now = time.time()

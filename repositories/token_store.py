@@ -27,6 +27,7 @@ from typing import Any, Protocol
 from filelock import FileLock, Timeout
 from pydantic import ValidationError
 
+from repositories.token_cipher import TokenCipher, TokenKeyError
 from schemas import PortalTokens
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,10 @@ _LOCK_TIMEOUT = 30.0
 
 class TokenStoreError(Exception):
     """The token file exists but cannot be read or written."""
+
+
+class TokenKeyMismatch(TokenStoreError):
+    """The stored tokens are encrypted with another key than TOKEN_ENCRYPTION_KEY (or with none)."""
 
 
 def _os_error(path: Path, action: str, exc: OSError) -> TokenStoreError:
@@ -81,8 +86,9 @@ Records = dict[str, PortalTokens]
 class JsonTokenStore:
     """The JSON-file implementation of `TokenStore`."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, cipher: TokenCipher | None = None) -> None:
         self._path = path
+        self._cipher = cipher or TokenCipher(None)
         self._write_lock_path = path.with_name(path.name + ".lock")
         self._thread_lock = threading.Lock()
         self._cache: tuple[tuple[int, int], Records] | None = None
@@ -222,14 +228,16 @@ class JsonTokenStore:
         signature = (stat.st_mtime_ns, stat.st_size)
         if not fresh and self._cache and self._cache[0] == signature:
             return self._cache[1]
-        records = _parse(self._path)
+        records = _parse(self._path, self._cipher)
         self._cache = (signature, records)
         return records
 
     def _write(self, records: Records) -> None:
         payload = {
             "version": _FORMAT_VERSION,
-            "portals": {key: record.model_dump(mode="json") for key, record in records.items()},
+            "portals": {
+                key: self._cipher.seal(record.model_dump(mode="json")) for key, record in records.items()
+            },
         }
         _atomic_write(self._path, json.dumps(payload, indent=2, ensure_ascii=False))
         stat = self._path.stat()
@@ -262,7 +270,7 @@ def _newest(kept: PortalTokens | None, stored: PortalTokens | None) -> PortalTok
     return kept
 
 
-def _parse(path: Path) -> Records:
+def _parse(path: Path, cipher: TokenCipher) -> Records:
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -270,7 +278,9 @@ def _parse(path: Path) -> Records:
     try:
         data = json.loads(raw.decode("utf-8") or "{}")
         portals = data.get("portals", {}) if data else {}
-        return {key: PortalTokens.model_validate(value) for key, value in portals.items()}
+        return {key: PortalTokens.model_validate(cipher.open(value)) for key, value in portals.items()}
+    except TokenKeyError as exc:
+        raise TokenKeyMismatch(f"{exc}; the app will not overwrite {path}.") from exc
     except (ValueError, AttributeError, ValidationError) as exc:
         raise TokenStoreError(
             f"The token file {path} is unreadable ({type(exc).__name__}); the app will not "

@@ -4,7 +4,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import urlencode, urlsplit
 
@@ -15,6 +15,7 @@ from repositories.token_store import TokenStore, TokenStoreError
 from schemas import (
     REFRESH_TOKEN_LIFETIME,
     AppFrame,
+    ClusterStatus,
     EventAuth,
     Health,
     IframeInstall,
@@ -84,6 +85,7 @@ class ProcessingService:
         states: OAuthStateStore,
         wake_worker: Callable[[], None],
         robots: RobotRegistration,
+        cluster: Callable[[], Awaitable[ClusterStatus]] | None = None,
     ) -> None:
         self._settings = settings
         self._tokens = tokens
@@ -92,6 +94,7 @@ class ProcessingService:
         self._states = states
         self._wake_worker = wake_worker
         self._robots = robots
+        self._cluster = cluster
 
     # --- install -------------------------------------------------------------------------------
 
@@ -354,6 +357,7 @@ class ProcessingService:
             missing_settings=self._settings.missing(),
             token_store_error=store_error or (unsaved[0] if unsaved else None),
             queue=await self._journal.stats(),
+            cluster=await self._cluster() if self._cluster else None,
         )
 
     async def status_report(

@@ -11,13 +11,11 @@ import hashlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
-
-from filelock import FileLock, Timeout
 
 from config import Settings
 from repositories.job_journal import Job, JobJournal, JobState
@@ -25,6 +23,7 @@ from services import find_or_create, messages, metrics
 from services.bitrix_client import BatchResult, BitrixAccessDenied, BitrixClient, BitrixError, action_hint
 from services.contact_matching import request_fields
 from services.contact_validation import InvalidContactData
+from services.leadership import FileLeadership, Leadership
 from services.messages import Lang
 from services.observability import portal_var, workflow_var
 from services.retry import RetryPolicy
@@ -36,7 +35,6 @@ ORIGINATOR_ID = "bitrix24-robot-app"
 _ADD_SHARE = 0.75  # of a job's budget spent creating the contact; the rest is for the answer
 # Calls accepted by another worker process cannot wake this one: poll the journal this often.
 _IDLE_SECONDS = 0.5
-_LEADER_POLL_SECONDS = 2.0
 _MAX_PASSES = 4  # batches in flight at once; the rate limiter still paces their requests
 
 
@@ -54,6 +52,7 @@ class JobWorker:
         bitrix: BitrixClient,
         settings: Settings,
         policy: RetryPolicy,
+        leadership: Leadership | None = None,
         language_of: Callable[[str], Awaitable[Lang]] | None = None,
     ) -> None:
         self._journal = journal
@@ -61,6 +60,9 @@ class JobWorker:
         self._bitrix = bitrix
         self._settings = settings
         self._policy = policy
+        self._leadership: Leadership = leadership or FileLeadership(
+            Path(f"{settings.job_db_file}.worker.lock")
+        )
         self._wakeup = asyncio.Event()
         self._last_due = -1  # jobs due at the previous look, to tell a growing batch from a stalled one
         self._leader_jobs: list[Callable[[], Coroutine[Any, Any, None]]] = []
@@ -73,36 +75,30 @@ class JobWorker:
         self._leader_jobs.append(job)
 
     async def run(self) -> None:
-        """Loop until cancelled; failures are logged and retried, never fatal."""
-        async with self._leadership():
-            logger.info("Job worker started")
-            extras = [asyncio.create_task(job()) for job in self._leader_jobs]
-            try:
-                await self._loop()
-            finally:
-                for extra in extras:
-                    extra.cancel()
-                await asyncio.gather(*extras, return_exceptions=True)
-
-    @asynccontextmanager
-    async def _leadership(self) -> AsyncIterator[None]:
-        """One worker per journal: with `--workers N` the others only accept calls.
-
-        A single worker keeps one client-side bucket per portal (N workers would each spend the
-        portal's whole rate limit) and makes the biggest batches. If it dies, the OS frees the
-        lock and another process takes over.
-        """
-        lock = FileLock(f"{self._settings.job_db_file}.worker.lock", thread_local=False)
+        """Loop until cancelled, while this process leads; failures are logged and retried, never fatal."""
         while True:
-            try:
-                lock.acquire(blocking=False)
-                break
-            except Timeout:
-                await asyncio.sleep(_LEADER_POLL_SECONDS)
+            async with self._leadership.hold() as lost:
+                await self._lead(lost)
+            logger.warning("Job worker stopped: leadership lost; waiting to lead again")
+
+    async def _lead(self, lost: asyncio.Event) -> None:
         try:
-            yield
+            # The previous leader is gone: its leases would only delay its jobs until they expire.
+            reclaimed = await self._journal.reclaim_leases()
+        except Exception:
+            logger.exception("Job worker could not reclaim the previous leader's leases")
+            reclaimed = 0
+        logger.info("Job worker started (%d jobs of a previous leader resumed)", reclaimed)
+        loop = asyncio.create_task(self._loop(), name="job-worker-loop")
+        watch = asyncio.create_task(lost.wait())
+        # The leader's other duties (robot registration) run and stop with its leadership.
+        extras = [asyncio.create_task(job()) for job in self._leader_jobs]
+        try:
+            await asyncio.wait({loop, watch}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            lock.release()
+            for task in (loop, watch, *extras):
+                task.cancel()
+            await asyncio.gather(loop, watch, *extras, return_exceptions=True)
 
     async def _loop(self) -> None:
         running: set[asyncio.Task[None]] = set()

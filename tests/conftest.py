@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from config import Settings, get_settings
 from main import create_app
 from tests.fake_portal import FakePortal, FakePortalConfig
+from tests.pg_server import TestPostgres
 
 APP_URL = "http://robot.example.test"  # a dotted host: the portal refuses others as HANDLER
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -97,3 +98,29 @@ async def answer_for(portal: FakePortal, event_token: str, timeout: float = 10.0
     await eventually(lambda: event_token in portal.answers, timeout, "the workflow's answer")
     answer: dict[str, Any] = portal.answers[event_token]
     return answer
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[TestPostgres]:
+    """One real PostgreSQL for the whole run, started by the first test that needs it."""
+    server = TestPostgres()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["embedded", "postgresql"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """The back end a test runs against: tests that take it run once for each."""
+    name: str = request.param
+    return name
+
+
+@pytest.fixture
+def database_url(backend: str, request: pytest.FixtureRequest) -> str | None:
+    """None for the embedded back end; else the URL of a fresh, empty database."""
+    if backend == "embedded":
+        return None
+    server: TestPostgres = request.getfixturevalue("pg_server")
+    return server.new_database()

@@ -1,0 +1,238 @@
+"""`JobJournal` in PostgreSQL: the same job life cycle as `SqliteJobJournal`, shared by all instances.
+
+Every instance inserts the calls it accepts; only the leader (see services/leadership.py) claims
+them. Claims still take `FOR UPDATE SKIP LOCKED` and a lease, so that two claimers can never get
+the same job even for the moment when leadership changes hands.
+"""
+
+import asyncio
+import time
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+from psycopg import AsyncConnection
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from repositories.job_journal import Job, JobState, NewJob
+from repositories.postgres import with_retry
+from schemas import QueueStats, RobotRun
+
+
+class PostgresJobJournal:
+    def __init__(self, pool: AsyncConnectionPool[Any]) -> None:
+        self._pool = pool
+        # Group commit: the calls that arrive while an insert is in flight go in the next one.
+        self._waiting: list[tuple[NewJob, asyncio.Future[tuple[int, bool]]]] = []
+        self._inserting: asyncio.Task[None] | None = None
+
+    async def add(self, job: NewJob) -> tuple[int, bool]:
+        """Store the job before the call's 200; concurrent calls share one INSERT and one commit.
+
+        A statement costs the app about 0.5 ms of CPU in the driver, more than the rest of the
+        acknowledgement: one multi-row INSERT for all the calls that came in meanwhile keeps the
+        cost per call low under load, and adds nothing when calls come one at a time.
+        """
+        done: asyncio.Future[tuple[int, bool]] = asyncio.get_running_loop().create_future()
+        self._waiting.append((job, done))
+        if self._inserting is None or self._inserting.done():
+            self._inserting = asyncio.create_task(self._insert_waiting())
+        return await done
+
+    async def _insert_waiting(self) -> None:
+        while self._waiting:
+            batch, self._waiting = self._waiting, []
+            try:
+                ids = await with_retry(self._pool, partial(_insert_many, jobs=[job for job, _ in batch]))
+            except BaseException as exc:  # every waiting call learns of it (503), none is left hanging
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(exc if isinstance(exc, Exception) else RuntimeError("shut down"))
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            seen: set[str] = set()
+            for job, done in batch:
+                created = job.event_token in ids[1] and job.event_token not in seen
+                seen.add(job.event_token)
+                if not done.done():
+                    done.set_result((ids[0][job.event_token], created))
+
+    async def claim(self, limit: int, lease_seconds: float) -> list[Job]:
+        now = time.time()
+        rows = await self._fetch(
+            "UPDATE jobs SET lease_until = %s WHERE id IN (SELECT id FROM jobs WHERE"
+            " state IN ('add', 'send') AND next_attempt_at <= %s AND lease_until <= %s ORDER BY id LIMIT %s"
+            " FOR UPDATE SKIP LOCKED) RETURNING *",
+            (now + lease_seconds, now, now, limit),
+        )
+        return sorted((_job(row) for row in rows), key=lambda job: job.id)
+
+    async def reclaim_leases(self) -> int:
+        rows = await self._fetch(
+            "UPDATE jobs SET lease_until = 0 WHERE state IN ('add', 'send') AND lease_until > %s"
+            " RETURNING id",
+            (time.time(),),
+        )
+        return len(rows)
+
+    async def due_count(self, limit: int) -> int:
+        now = time.time()
+        rows = await self._fetch(
+            "SELECT COUNT(*) AS n FROM (SELECT 1 FROM jobs WHERE state IN ('add', 'send')"
+            " AND next_attempt_at <= %s AND lease_until <= %s LIMIT %s) AS due",
+            (now, now, limit),
+        )
+        return int(rows[0]["n"])
+
+    async def mark_add_attempted(self, ids: Sequence[int]) -> None:
+        await self._execute_ids(
+            "UPDATE jobs SET add_attempted = TRUE, updated_at = %s WHERE id = ANY(%s)", ids
+        )
+
+    async def release(self, ids: Sequence[int]) -> None:
+        await self._execute_ids("UPDATE jobs SET lease_until = 0, updated_at = %s WHERE id = ANY(%s)", ids)
+
+    async def to_send(self, updates: Sequence[tuple[int, int, str]]) -> None:
+        now = time.time()
+        await self._write_many(
+            "UPDATE jobs SET state = 'send', contact_id = %s, error = %s, attempts = 0, updated_at = %s"
+            " WHERE id = %s",
+            [(contact_id, error, now, job_id) for job_id, contact_id, error in updates],
+        )
+
+    async def note_found(self, updates: Sequence[tuple[int, str]]) -> None:
+        now = time.time()
+        await self._write_many(
+            "UPDATE jobs SET found_note = %s, updated_at = %s WHERE id = %s",
+            [(note, now, job_id) for job_id, note in updates],
+        )
+
+    async def retry_later(self, updates: Sequence[tuple[int, float, str]]) -> None:
+        now = time.time()
+        await self._write_many(
+            "UPDATE jobs SET attempts = attempts + 1, next_attempt_at = %s, lease_until = 0,"
+            " updated_at = %s, error = CASE WHEN state = 'add' THEN %s ELSE error END WHERE id = %s",
+            [(now + delay, now, error, job_id) for job_id, delay, error in updates],
+        )
+
+    async def finish(self, updates: Sequence[tuple[int, JobState, str]]) -> None:
+        now = time.time()
+        await self._write_many(
+            "UPDATE jobs SET state = %s, lease_until = 0, call_access_token = '', updated_at = %s,"
+            " error = CASE WHEN %s = '' THEN error ELSE %s END WHERE id = %s",
+            [(state, now, error, error, job_id) for job_id, state, error in updates],
+        )
+
+    async def next_due(self) -> float | None:
+        rows = await self._fetch(
+            "SELECT MIN(GREATEST(next_attempt_at, lease_until)) AS due FROM jobs"
+            " WHERE state IN ('add', 'send')",
+            (),
+        )
+        due = rows[0]["due"]
+        return float(due) if due is not None else None
+
+    async def stats(self) -> QueueStats:
+        rows = await self._fetch("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state", ())
+        counts = {row["state"]: int(row["n"]) for row in rows}
+        oldest = (
+            await self._fetch("SELECT MIN(created_at) AS oldest FROM jobs WHERE state IN ('add', 'send')", ())
+        )[0]
+        return QueueStats(
+            pending=counts.get("add", 0) + counts.get("send", 0),
+            oldest_pending_age_seconds=round(time.time() - oldest["oldest"], 3) if oldest["oldest"] else None,
+            done=counts.get("done", 0),
+            failed=counts.get("failed", 0),
+            abandoned=counts.get("abandoned", 0),
+        )
+
+    async def recent(self, limit: int) -> list[RobotRun]:
+        rows = await self._fetch("SELECT * FROM jobs ORDER BY id DESC LIMIT %s", (limit,))
+        return [
+            RobotRun(
+                job_id=row["id"],
+                member_id=row["member_id"],
+                workflow_id=row["workflow_id"],
+                state=row["state"],
+                contact_id=row["contact_id"],
+                error=row["error"],
+                created_at=row["created_at"],
+            )
+            for row in rows
+        ]
+
+    async def close(self) -> None:
+        """The pool belongs to the back end, which closes it."""
+
+    async def _execute_ids(self, sql: str, ids: Sequence[int]) -> None:
+        async with self._pool.connection() as conn:
+            await conn.execute(sql, (time.time(), list(ids)))
+
+    async def _write_many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        # One transaction per kind of update, as in SQLite: a pass's outcome lands all at once.
+        async with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cursor:
+            await cursor.executemany(sql, rows)
+
+    async def _fetch(self, sql: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
+        async with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cursor:
+            await cursor.execute(sql, params)
+            rows: list[dict[str, Any]] = await cursor.fetchall()
+            return rows
+
+
+async def _insert_many(conn: AsyncConnection[Any], jobs: list[NewJob]) -> tuple[dict[str, int], set[str]]:
+    """(event_token → id for every job, the event tokens inserted now); known tokens are kept."""
+    now = time.time()
+    columns = [
+        [job.event_token for job in jobs],
+        [job.member_id for job in jobs],
+        [job.workflow_id for job in jobs],
+        [job.document_id for job in jobs],
+        [Jsonb(job.properties) for job in jobs],
+        [job.error for job in jobs],
+        [job.client_endpoint for job in jobs],
+        [job.call_access_token for job in jobs],
+        [job.deadline for job in jobs],
+    ]
+    async with conn.transaction():
+        cursor = await conn.execute(
+            "INSERT INTO jobs (event_token, member_id, workflow_id, document_id, properties, error,"
+            " client_endpoint, call_access_token, deadline, state, next_attempt_at, created_at, updated_at)"
+            " SELECT t.*, 'add', %s, %s, %s FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[],"
+            " %s::jsonb[], %s::text[], %s::text[], %s::text[], %s::float8[]) AS t"
+            " ON CONFLICT (event_token) DO NOTHING RETURNING event_token, id",
+            (now, now, now, *columns),
+        )
+        inserted = {row[0]: int(row[1]) for row in await cursor.fetchall()}
+        missing = [job.event_token for job in jobs if job.event_token not in inserted]
+        known: dict[str, int] = {}
+        if missing:
+            cursor = await conn.execute(
+                "SELECT event_token, id FROM jobs WHERE event_token = ANY(%s)", (missing,)
+            )
+            known = {row[0]: int(row[1]) for row in await cursor.fetchall()}
+    return {**known, **inserted}, set(inserted)
+
+
+def _job(row: dict[str, Any]) -> Job:
+    return Job(
+        id=row["id"],
+        event_token=row["event_token"],
+        member_id=row["member_id"],
+        workflow_id=row["workflow_id"],
+        document_id=row["document_id"],
+        properties=row["properties"],
+        error=row["error"],
+        client_endpoint=row["client_endpoint"],
+        call_access_token=row["call_access_token"],
+        state=row["state"],
+        contact_id=row["contact_id"],
+        attempts=row["attempts"],
+        add_attempted=row["add_attempted"],
+        deadline=row["deadline"],
+        created_at=row["created_at"],
+        found_note=row.get("found_note") or "",
+    )
