@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     batch_linger_seconds: float = Field(default=0.05, ge=0)
     http_timeout_seconds: float = Field(default=30.0, gt=0)
     token_refresh_margin_seconds: float = Field(default=60.0, ge=0)
+    body_timeout_seconds: float = Field(default=10.0, gt=0)
     # The status page's language when neither the portal nor the browser names one.
     default_language: Literal["en", "ru"] = "en"
     # Refresh tokens die 180 days after issue (b24restdocs settings/oauth/auto-renewal.md).

@@ -25,10 +25,17 @@ from router import router
 from services import metrics, pages
 from services.backend import open_backend
 from services.bitrix_client import BitrixClient, BitrixError
+from services.body_guard import (
+    BodyGuardMiddleware,
+    BodyLimits,
+    raise_file_limit,
+    return_large_buffers_to_the_system,
+)
 from services.errors import AppError, ErrorCode
 from services.handler_check import handler_warnings, log_handler_warnings
 from services.languages import PortalLanguages
 from services.observability import configure_logging, register_secret, request_id_var
+from services.page_headers import PageHeadersMiddleware
 from services.processing import ProcessingService
 from services.rate_limit import PortalRateLimiter
 from services.retry import RetryPolicy
@@ -55,6 +62,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
     settings = _settings(app)
     configure_logging(settings.log_level)
     register_secret(*settings.secret_values())
+    raise_file_limit()
+    return_large_buffers_to_the_system()
     _report_settings(settings)
     timeout = httpx.Timeout(settings.http_timeout_seconds, connect=5.0)
     # Tests route portal and authorization-server hosts to 127.0.0.1 through `app.state.bitrix_transport`.
@@ -80,7 +89,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
         task = asyncio.create_task(worker.run(), name="job-worker")
         upkeep = asyncio.create_task(TokenUpkeep(tokens, bitrix, settings).run(), name="token-upkeep")
         try:
-            yield AppState(service=service)
+            yield AppState(service=service, body_limits=BodyLimits(settings.body_timeout_seconds))
         finally:
             for background in (task, upkeep):
                 background.cancel()
@@ -247,6 +256,8 @@ def create_app() -> FastAPI:
     app = FastAPI(title="Bitrix24 contact robot", version="1.0.0", lifespan=lifespan)
     app.include_router(router)
     register_exception_handlers(app)
+    app.add_middleware(BodyGuardMiddleware)
+    app.add_middleware(PageHeadersMiddleware)
     app.add_middleware(RequestContextMiddleware)
     return app
 

@@ -5,67 +5,15 @@ Bitrix24 posts `application/x-www-form-urlencoded` bodies with PHP bracket keys
 once, and the models below validate the result.
 """
 
-import re
 import time
 from typing import Annotated, Any, Literal
-from urllib.parse import parse_qsl
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
-_KEY = re.compile(r"^([^\[\]]+)((?:\[[^\[\]]*\])*)$")
-_SEGMENT = re.compile(r"\[([^\[\]]*)\]")
+# Re-exported: the decoder lives with the other guards of unauthenticated input.
+from services.php_form import parse_php_form as parse_php_form
+
 MEMBER_ID = r"^[0-9A-Za-z_-]{1,64}$"
-MAX_NESTING = 64  # PHP's `max_input_nesting_level`: deeper keys are dropped, as PHP drops them
-
-
-def parse_php_form(body: bytes | str) -> dict[str, Any]:
-    """Rebuild nested dicts and lists from a PHP-style form body (`a[b][0]=c`)."""
-    text = body.decode("utf-8", errors="replace") if isinstance(body, bytes) else body
-    root: dict[str, Any] = {}
-    for key, value in parse_qsl(text, keep_blank_values=True):
-        if "[" not in key:  # most keys of a robot call: no nesting to rebuild
-            root[key] = value
-            continue
-        path = _key_path(key)
-        if len(path) <= MAX_NESTING:
-            _assign(root, path, value)
-    # The top level stays a mapping even for `0=a&1=b`: callers look keys up in it.
-    return {key: _listify(value) for key, value in root.items()}
-
-
-def _key_path(key: str) -> list[str]:
-    head, _, rest = key.partition("[")
-    parts = rest[:-1].split("][") if rest.endswith("]") else None
-    # The plain split covers every well-formed key; the regex settles the odd ones (`a[b]c]`).
-    if head and "]" not in head and parts is not None and not any("[" in p or "]" in p for p in parts):
-        return [head, *parts]
-    match = _KEY.match(key)
-    if not match:
-        return [key]
-    return [match.group(1), *_SEGMENT.findall(match.group(2))]
-
-
-def _assign(node: dict[str, Any], path: list[str], value: str) -> None:
-    for part in path[:-1]:
-        # PHP's `a[]=x` appends: the next free numeric key.
-        key = part or str(len(node))
-        child = node.get(key)
-        if not isinstance(child, dict):
-            child = {}
-            node[key] = child
-        node = child
-    node[path[-1] or str(len(node))] = value
-
-
-def _listify(node: Any) -> Any:
-    """A dict whose keys are exactly 0..n-1 becomes a list, as PHP arrays do."""
-    if not isinstance(node, dict):
-        return node
-    items = {key: _listify(value) for key, value in node.items()}
-    # n distinct keys that include every index 0..n-1 are exactly those indexes.
-    if items and all(str(index) in items for index in range(len(items))):
-        return [items[str(index)] for index in range(len(items))]
-    return items
 
 
 def _upper(value: object) -> object:

@@ -9,7 +9,8 @@ mean little. Scenarios (`--only NAME`, repeatable):
             drain): wall time against the floor the bucket allows, REST requests per call, and a
             naive baseline (one REST request per command) measured in the same run;
 * growth  - 100, 1,000 and 10,000 queued calls: time per call and peak RSS of the app;
-* profile - where the acknowledgement time goes (pyinstrument; skipped when not installed).
+* profile - where the acknowledgement time goes (pyinstrument; skipped when not installed);
+* attack  - genuine calls per second under each attack, against none (bench/attacks.py);
 * modes   - the burst in each find-or-create mode (`duplicates` input; see bench/modes.py).
 
 The fake portal, the app, the bare app, the load generator and the naive client each run in their
@@ -51,6 +52,7 @@ if str(PROJECT) not in sys.path:  # `python bench/run.py` puts only bench/ on th
     sys.path.insert(0, str(PROJECT))
 
 from bench import modes  # noqa: E402
+from bench.attacks import attack_rows, scenario_attack  # noqa: E402
 from bench.postgres import export_tokens, scenario_two, two_rows  # noqa: E402
 from config import Settings  # noqa: E402
 from tests.fake_portal import FakePortalConfig  # noqa: E402
@@ -759,6 +761,7 @@ SCENARIOS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "burst": scenario_burst,
     "growth": scenario_growth,
     "profile": scenario_profile,
+    "attack": scenario_attack,
     "two": scenario_two,
     "modes": modes.scenario_modes,
 }
@@ -921,6 +924,7 @@ ROWS: dict[str, Callable[[dict[str, Any]], list[tuple[str, str, str, str, str]]]
     "burst": _burst_rows,
     "growth": _growth_rows,
     "profile": _profile_rows,
+    "attack": attack_rows,
     "two": two_rows,
     "modes": modes.rows,
 }
@@ -964,6 +968,10 @@ NOTES = (
     "round), medians reported; time per call = elapsed / calls with 32 concurrent clients (the "
     "inverse of the rate); peak RSS = VmHWM of the uvicorn process (Linux).",
     "profile: in-process (ASGI transport), so the HTTP server is not in it; see the profile section.",
+    "attack: one app, portal held; genuine calls as in ack (32 connections, 4 s) while each attack "
+    "runs from threads of the bench process, after 1 s of it; the ratio is to the mean of the runs "
+    "without an attack before and after. RSS of the app before, at the end of, and 2 s after each "
+    "attack.",
     "modes: as burst, once per `duplicates` mode, without the naive client; floor = max(arrival, bucket "
     "time for k·⌈N/50⌉ requests), k = 2 for create (add, answer) and 3 for reuse/update (search, "
     "add or read, answer). 'found' runs call again for the people of the create run.",

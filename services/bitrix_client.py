@@ -26,7 +26,8 @@ before anything is replayed.
     │   ├── OAuthInvalidGrant          no   invalid_grant: re-authorize at /oauth/login
     │   ├── OAuthInvalidClient         no   invalid_client, wrong_client: check the credentials
     │   └── OAuthPaymentRequired       no   PAYMENT_REQUIRED: renew the subscription
-    └── PortalNotConnected             no   no usable tokens are stored for the portal
+    ├── PortalNotConnected             no   no usable tokens are stored for the portal
+    └── NoSpareCapacity                no   an install proof found no spare room in the rate limit
 
 An error with a `resume_at` is not retried within the request: the job worker reschedules it for
 that time (the portal's reset time of a method's time limit, say). Codes and meanings: b24restdocs
@@ -205,6 +206,10 @@ class PortalNotConnected(BitrixError):
     admin_hint = "The app holds no tokens for this portal; install the app or open /oauth/login."
 
 
+class NoSpareCapacity(BitrixError):
+    admin_hint = "Unproven installs may only use the portal's rate limit while a fifth of it stays free."
+
+
 _DEAD_REFRESH = (
     "The authorization server refused its refresh token (invalid_grant): unused for 180 days, "
     "revoked, or already used by an older copy of the token file"
@@ -362,6 +367,42 @@ class BitrixClient:
             member_id="-", domain="-", client_endpoint=client_endpoint, access_token=access_token
         )
         return await self._call_with_retry(record, method, params or {})
+
+    async def probe_with_token(
+        self, client_endpoint: str, access_token: str, method: str, time_limit: float
+    ) -> Any:
+        """One request with an unproven token: no retry, a short timeout, and only if the portal's
+        rate limit has room to spare. The portal counts every request, a forged token's too, before
+        it checks the token (wire doc 4.1): a stranger's install must not spend what robot work needs.
+
+        Raises:
+            NoSpareCapacity: four fifths of the portal's bucket or more are in use; nothing was sent.
+            BitrixError: the call failed.
+        """
+        url = client_endpoint.rstrip("/") + "/" + method
+        if not await self._limiter.try_spare(urlsplit(url).netloc):
+            raise NoSpareCapacity(f"{method}: the portal's rate limit has no room to spare")
+        try:
+            response = await self._http.post(url, json={"auth": access_token}, timeout=time_limit)
+        except httpx.HTTPError as exc:
+            raise BitrixTransportError(f"{method}: {type(exc).__name__} talking to {url}") from exc
+        logger.info("REST %s -> %d (install proof)", url, response.status_code)
+        result, _ = _envelope_result(response, method)  # the time block: only robot work tracks it
+        return result
+
+    async def refresh_unstored(self, refresh_token: str, server_endpoint: str | None) -> TokenResponse:
+        """Refresh a pair the store does not hold yet (an install's), at its authorization server
+        if that is a known one (services/oauth_servers.py), else at `BITRIX_OAUTH_URL`.
+
+        The reply names the portal the authorization server issued the pair for: `member_id` and
+        `client_endpoint`. b24restdocs settings/oauth/index.md: the authorization server is "the
+        only trusted source" about the application on a portal.
+
+        Raises:
+            OAuthError: the server refused the refresh token or our credentials.
+        """
+        grant = {"grant_type": "refresh_token", "refresh_token": refresh_token}
+        return await self._token_request(grant, token_endpoint(self._settings, server_endpoint))
 
     async def batch(self, member_id: str, commands: Commands) -> BatchResult:
         """Run up to 50 commands in one request; each command succeeds or fails on its own.

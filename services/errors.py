@@ -4,12 +4,14 @@ together with the repositories' `TokenStoreError` (503 `storage_error`) and the 
 AppError                      status, stable `code`, message
 ├── BadRequest                400  the body is not what this endpoint takes
 │   ├── PayloadTooLarge       413
-│   └── UnsupportedMediaType  415
+│   ├── UnsupportedMediaType  415
+│   └── RequestTimeout        408  the body did not arrive in time (the connection is closed)
 ├── InvalidOAuthState         400  wrong, used, expired or foreign `state`
 ├── UnknownPortal             401  `member_id` of a portal we never installed
 ├── InvalidApplicationToken   403  `application_token` does not match the stored one
 ├── ForeignPortal             403  a portal other than the configured one
 ├── InstallRejected           403  tokens the portal does not confirm as ours
+├── TooManyInstalls           429  unproven installs of this portal are already being checked
 ├── NotConfigured             503  required settings are missing
 ├── AutomationUnavailable     409  the portal's plan has no automation rules (no bizproc.robot.*)
 ├── HandlerUrlRefused         409  the portal refuses APP_BASE_URL as a handler address
@@ -23,11 +25,13 @@ class ErrorCode(StrEnum):
     BAD_REQUEST = "bad_request"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    REQUEST_TIMEOUT = "request_timeout"
     INVALID_STATE = "invalid_oauth_state"
     UNKNOWN_PORTAL = "unknown_portal"
     INVALID_APPLICATION_TOKEN = "invalid_application_token"  # noqa: S105 (a code, not a secret)
     FOREIGN_PORTAL = "foreign_portal"
     INSTALL_REJECTED = "install_rejected"
+    TOO_MANY_INSTALLS = "too_many_installs"
     NOT_CONFIGURED = "not_configured"
     STORAGE_ERROR = "storage_error"
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"
@@ -63,6 +67,11 @@ class UnsupportedMediaType(BadRequest):
     code = ErrorCode.UNSUPPORTED_MEDIA_TYPE
 
 
+class RequestTimeout(BadRequest):
+    status_code = 408
+    code = ErrorCode.REQUEST_TIMEOUT
+
+
 class InvalidOAuthState(AppError):
     code = ErrorCode.INVALID_STATE
 
@@ -85,6 +94,11 @@ class ForeignPortal(AppError):
 class InstallRejected(AppError):
     status_code = 403
     code = ErrorCode.INSTALL_REJECTED
+
+
+class TooManyInstalls(AppError):
+    status_code = 429
+    code = ErrorCode.TOO_MANY_INSTALLS
 
 
 class NotConfigured(AppError):

@@ -27,16 +27,30 @@ _BY_KEY = re.compile(
 )
 _BRACKETED = re.compile(rf"(?i)({_OPEN}(?:{_KEYS}){_CLOSE}=)([^&\s]+)")
 _EVENT_TOKEN = re.compile(r"[\w.]+(?:\||%7C)A[\w]+(?:\||%7C)[\w]+\.[0-9a-f]{16,}")
+# C0 and C1 control characters, DEL, and the Unicode line and paragraph separators: any of them
+# in a value from a request could start a forged line or rewrite the terminal. Shown escaped.
+_CONTROLS = {
+    code: f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    for code in (*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029)
+}
 _SECRETS: OrderedDict[str, None] = OrderedDict()
 _MAX_SECRETS = 256
 _MIN_SECRET = 8
+# All registered secrets as one alternation (longest first), built when first needed after a
+# change: one search in C per line instead of a loop over up to 256 values.
+_known: re.Pattern[str] | None = None
+# Every secret shape above needs one of these characters; a line without them skips the regexes.
+_SHAPE_CHARS = ("=", ":", "|", "%")
 
 
 def register_secret(*values: str | None) -> None:
     """Remember values that must be masked wherever they appear later."""
+    global _known
     for value in values:
         if not value or len(value) < _MIN_SECRET:
             continue
+        if value not in _SECRETS:
+            _known = None
         _SECRETS[value] = None
         _SECRETS.move_to_end(value)
         # Bounded: old rotated tokens are dead anyway, and each line is checked against them all.
@@ -44,27 +58,53 @@ def register_secret(*values: str | None) -> None:
             _SECRETS.popitem(last=False)
 
 
+def _mask_known(text: str) -> str:
+    global _known
+    if not _SECRETS:
+        return text
+    if _known is None:
+        _known = re.compile("|".join(re.escape(s) for s in sorted(_SECRETS, key=len, reverse=True)))
+    return _known.sub(MASK, text)
+
+
 def redact(text: str) -> str:
     """The text with every known secret and every secret-shaped `key=value` masked."""
-    for secret in tuple(_SECRETS):
-        if secret in text:
-            text = text.replace(secret, MASK)
+    text = _mask_known(text)
+    if not any(char in text for char in _SHAPE_CHARS):
+        return text
     text = _EVENT_TOKEN.sub(MASK, text)
     text = _BRACKETED.sub(rf"\1{MASK}", text)
     return _BY_KEY.sub(lambda m: m.group(1) + (m.group(2) if m.group(2) == MASK else MASK), text)
 
 
+def escape_controls(text: str) -> str:
+    """The text with control characters written as `\\xNN`, so it stays on one line."""
+    return text if text.isprintable() else text.translate(_CONTROLS)
+
+
 class RedactingFormatter(logging.Formatter):
-    """Formats as usual, then masks secrets in the whole line, traceback included."""
+    """Formats as usual, with secrets masked in the message and the traceback.
+
+    The time, level and logger name cannot hold a secret, so only the parts after them are
+    searched; the context (request id, portal host, workflow id: none of them a secret) only
+    for known secret values. The context and the message are escaped, as their values may come
+    from a request; a traceback keeps its own line breaks.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
         record.context = _context()
-        return redact(super().format(record))
+        line = super().format(record)
+        # A traceback may have been rendered (and cached on the record) by another handler.
+        return redact(line) if record.exc_text or record.stack_info else line
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = redact(escape_controls(record.message))
+        return super().formatMessage(record)
 
 
 def _context() -> str:
     parts = [f"req={request_id_var.get()}", f"portal={portal_var.get()}", f"wf={workflow_var.get()}"]
-    return " ".join(part for part in parts if not part.endswith("=-"))
+    return _mask_known(escape_controls(" ".join(part for part in parts if not part.endswith("=-"))))
 
 
 _FORMAT = "%(asctime)s %(levelname)-7s %(name)s [%(context)s] %(message)s"

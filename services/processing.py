@@ -35,6 +35,7 @@ from services.bitrix_client import (
     BitrixApiError,
     BitrixClient,
     BitrixError,
+    NoSpareCapacity,
     OAuthError,
 )
 from services.errors import (
@@ -44,9 +45,11 @@ from services.errors import (
     InstallRejected,
     InvalidOAuthState,
     NotConfigured,
+    TooManyInstalls,
     UpstreamUnavailable,
 )
 from services.handler_check import handler_warnings
+from services.install_guard import PROOF_TIMEOUT_SECONDS, ProofGate
 from services.observability import portal_var, register_secret, workflow_var
 from services.portal_moves import move_advice
 from services.robot_registration import Outcome, RobotRegistration
@@ -95,6 +98,7 @@ class ProcessingService:
         self._wake_worker = wake_worker
         self._robots = robots
         self._cluster = cluster
+        self._proofs = ProofGate()
 
     # --- install -------------------------------------------------------------------------------
 
@@ -147,9 +151,12 @@ class ProcessingService:
         registration goes on in the background.
         """
         portal_var.set(candidate.domain)
-        register_secret(candidate.access_token, candidate.refresh_token, candidate.application_token)
+        claimed = (candidate.access_token, candidate.refresh_token, candidate.application_token)
         deadline = asyncio.get_running_loop().time() + self._settings.install_timeout_seconds
-        await self._prove_in_time(candidate, deadline)
+        candidate = await self._prove_in_time(candidate, deadline)
+        # Registered once proven: a flood of forged installs would otherwise churn the registry
+        # (and rebuild its pattern) with every request. Nothing logged before this carries them.
+        register_secret(*claimed)
         await self._tokens.save(candidate)
         logger.info("Install from portal %s (%s): tokens stored", candidate.domain, candidate.member_id)
         robot = await self._robots.register_within(
@@ -157,10 +164,10 @@ class ProcessingService:
         )
         return Installed(await self._tokens.get(candidate.member_id) or candidate, robot)
 
-    async def _prove_in_time(self, candidate: PortalTokens, deadline: float) -> None:
+    async def _prove_in_time(self, candidate: PortalTokens, deadline: float) -> PortalTokens:
         try:
             async with asyncio.timeout_at(deadline):
-                await self._prove(candidate)
+                return await self._prove(candidate)
         except TimeoutError:
             raise UpstreamUnavailable(
                 f"The portal {candidate.domain} did not answer within "
@@ -168,23 +175,51 @@ class ProcessingService:
                 "once the portal answers."
             ) from None
 
-    async def _prove(self, candidate: PortalTokens) -> None:
+    async def _prove(self, candidate: PortalTokens) -> PortalTokens:
+        """The candidate as the portal and the authorization server vouch for it, or refused.
+
+        Runs under the installs' own budget (services/install_guard.py), never the robot's.
+        """
+        async with self._proofs.slot(candidate.domain):
+            await self._prove_ours(candidate)
+            return await self._vouched(candidate)
+
+    async def _prove_ours(self, candidate: PortalTokens) -> None:
         """Tokens count only once the portal they claim confirms they belong to our app."""
         token = candidate.access_token or ""
         try:
-            info = await self._bitrix.call_with_token(candidate.client_endpoint, token, "app.info")
-        except BitrixError as exc:
-            # A portal that is down or over its limit says nothing about the tokens: 502, not 403.
-            if exc.retryable or not isinstance(exc, BitrixApiError):
-                raise UpstreamUnavailable(
-                    f"The portal {candidate.domain} could not be reached: {exc}"
-                ) from exc
-            raise InstallRejected(
-                f"The portal {candidate.domain} did not confirm the tokens ({exc})."
+            info = await self._bitrix.probe_with_token(
+                candidate.client_endpoint, token, "app.info", PROOF_TIMEOUT_SECONDS
+            )
+        except NoSpareCapacity as exc:
+            raise TooManyInstalls(
+                f"Too many installs of {candidate.domain} are being verified; the portal may retry later."
             ) from exc
+        except BitrixError as exc:
+            raise _proof_failed(candidate.domain, "did not confirm the tokens", exc) from exc
         code = info.get("CODE") if isinstance(info, dict) else None
         if code != self._settings.bitrix_client_id:
             raise InstallRejected(f"The tokens belong to another app ({code!r}), not BITRIX_CLIENT_ID.")
+
+    async def _vouched(self, candidate: PortalTokens) -> PortalTokens:
+        """The record under the `member_id` the authorization server names for these tokens.
+
+        The body's `member_id` is the caller's word; the refresh reply is the server's (b24restdocs
+        settings/oauth/index.md). The refreshed pair replaces the install's, which is now spent.
+        """
+        try:
+            refresh_token = candidate.refresh_token or ""
+            reply = await self._bitrix.refresh_unstored(refresh_token, candidate.server_endpoint)
+        except BitrixError as exc:
+            raise _proof_failed(candidate.domain, "did not vouch for the refresh token", exc) from exc
+        register_secret(reply.access_token, reply.refresh_token)
+        host = urlsplit(reply.client_endpoint).netloc.lower()
+        if reply.member_id != candidate.member_id or host != candidate.domain:
+            raise InstallRejected(
+                "The authorization server issued these tokens for another portal than the body names."
+            )
+        # The user stays the install's own: finding who installed is the robot registration's job.
+        return candidate.with_tokens(reply).model_copy(update={"user_id": candidate.user_id})
 
     # --- update --------------------------------------------------------------------------------
 
@@ -404,6 +439,20 @@ class ProcessingService:
         if record is not None and record.language is None and frame.LANG:
             await self._tokens.save(record.model_copy(update={"language": frame.LANG}))
 
+    async def frame_origins(self) -> list[str]:
+        """Origins that may frame the app's pages: the configured portal and the installed ones."""
+        origins = set()
+        if self._settings.bitrix_portal_url:
+            parts = urlsplit(self._settings.bitrix_portal_url)
+            origins.add(f"{parts.scheme}://{parts.netloc}".lower())
+        try:
+            records = await self._tokens.list()
+        except TokenStoreError:
+            records = []
+        for record in records:
+            origins.add(f"{urlsplit(record.client_endpoint).scheme}://{record.domain}".lower())
+        return sorted(origins)
+
     async def _is_portal_frame(self, frame: AppFrame) -> bool:
         try:
             verify_callback(self._settings, await self._tokens.get(frame.member_id), frame.as_auth())
@@ -425,6 +474,13 @@ class ProcessingService:
         missing = self._settings.missing()
         if missing:
             raise NotConfigured(f"Set {', '.join(missing)} (in .env or the environment) and restart the app.")
+
+
+def _proof_failed(domain: str, what: str, exc: BitrixError) -> AppError:
+    # A portal that is down or over its limit says nothing about the tokens: 502, not 403.
+    if exc.retryable or not isinstance(exc, BitrixApiError | OAuthError):
+        return UpstreamUnavailable(f"The portal {domain} could not be reached: {exc}")
+    return InstallRejected(f"The portal {domain} {what} ({exc}).")
 
 
 def _portal_status(record: PortalTokens, unsaved: str | None) -> PortalStatus:

@@ -17,7 +17,20 @@ class PortalRateLimiter:
 
     async def acquire(self, portal: str) -> None:
         """Wait until the portal's bucket has room for one more request."""
+        await self._bucket(portal).acquire()
+
+    async def try_spare(self, portal: str) -> bool:
+        """Take one request of the bucket's spare room, never waiting: only while a fifth of the
+        bucket stays free for the app's own work (a batch request carries 50 robot calls, so that
+        is room for hundreds). False when there is none to spare."""
+        bucket = self._bucket(portal)
+        if not bucket.has_capacity(1 + self._burst // 5):
+            return False
+        await bucket.acquire()  # does not wait: has_capacity() just said so, and nothing ran since
+        return True
+
+    def _bucket(self, portal: str) -> AsyncLimiter:
         bucket = self._buckets.get(portal)
         if bucket is None:
             bucket = self._buckets[portal] = AsyncLimiter(self._burst, self._period)
-        await bucket.acquire()
+        return bucket

@@ -27,7 +27,11 @@ def rest_base(client_endpoint: str) -> str:
 
 
 def allowed_portal(settings: Settings, domain: str, client_endpoint: str) -> str:
-    """The canonical REST base of a portal that may install the app, or ForeignPortal."""
+    """The REST base of a portal that may install the app, or ForeignPortal.
+
+    Built from the verified scheme and host with the path `/rest/`: the path of a caller's
+    `client_endpoint` is the caller's choice, and the app must not POST tokens wherever it says.
+    """
     endpoint = urlsplit(rest_base(client_endpoint))
     host = domain.strip().lower()
     if endpoint.netloc != host:
@@ -40,7 +44,7 @@ def allowed_portal(settings: Settings, domain: str, client_endpoint: str) -> str
         raise ForeignPortal(
             f"{host!r} is not a Bitrix24 cloud portal on https; set BITRIX_PORTAL_URL to allow it."
         )
-    return rest_base(client_endpoint)
+    return f"{endpoint.scheme}://{host}/rest/"
 
 
 def verify_callback(settings: Settings, record: PortalTokens | None, auth: EventAuth) -> PortalTokens:

@@ -37,6 +37,13 @@ def app_env(portal: FakePortal, app_url: str, **extra: str) -> dict[str, str]:
     return env
 
 
+def _limit_files(soft: int) -> None:
+    import resource  # POSIX only, like the file limit it sets
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 class AppProcess:
     """`python -m uvicorn main:app` in `workdir` (so its state files land there)."""
 
@@ -48,12 +55,17 @@ class AppProcess:
         log: Path,
         workers: int = 1,
         ready_timeout: float = 20.0,
+        file_limit: int | None = None,
     ) -> None:
+        """`file_limit`: start with this soft limit on open files (as many systems' 1,024; POSIX)."""
         self.url = f"http://127.0.0.1:{port}"
         self._log = log.open("ab")
         command = [sys.executable, "-m", "uvicorn", "main:app", "--app-dir", str(PROJECT)]
         command += ["--host", "127.0.0.1", "--port", str(port), "--no-access-log", "--workers", str(workers)]
-        self.process = subprocess.Popen(command, cwd=workdir, env=env, stdout=self._log, stderr=self._log)
+        preexec = None if file_limit is None else (lambda: _limit_files(file_limit))
+        self.process = subprocess.Popen(
+            command, cwd=workdir, env=env, stdout=self._log, stderr=self._log, preexec_fn=preexec
+        )
         self._wait_ready(ready_timeout)
 
     def _wait_ready(self, timeout: float = 20.0) -> None:

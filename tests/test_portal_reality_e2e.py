@@ -123,6 +123,7 @@ async def test_a_refusal_is_answered_with_its_hint_and_not_reauthorized(
 ) -> None:
     status, description = PORTAL_ERRORS[code]
     expected = api_error(status, code, description, where)
+    refreshes = portal.stats["refreshes"]  # the install's own, which vouches for its member_id
     portal.fail_with(where, code)
     token, body = portal.robot_call_body(GOOD)
 
@@ -135,12 +136,13 @@ async def test_a_refusal_is_answered_with_its_hint_and_not_reauthorized(
     assert "/oauth/login" not in error
     assert not expected.retryable
     assert portal.contacts == []
-    assert portal.stats["refreshes"] == 0
+    assert portal.stats["refreshes"] == refreshes
 
 
 async def test_a_method_waiting_for_confirmation_is_retried(
     installed: httpx.AsyncClient, portal: FakePortal
 ) -> None:
+    refreshes = portal.stats["refreshes"]  # the install's own, which vouches for its member_id
     portal.fail_with("crm.contact.add", "METHOD_CONFIRM_WAITING")
     token, body = portal.robot_call_body(GOOD)
 
@@ -149,4 +151,4 @@ async def test_a_method_waiting_for_confirmation_is_retried(
     answer = await answer_for(portal, token, timeout=20)
     assert answer["return_values"]["error"] == ""
     assert len(portal.contacts) == 1
-    assert portal.stats["refreshes"] == 0
+    assert portal.stats["refreshes"] == refreshes

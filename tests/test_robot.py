@@ -145,6 +145,7 @@ async def test_expired_access_token_is_refreshed_once(
     installed: httpx.AsyncClient, portal: FakePortal, settings: Settings
 ) -> None:
     before = settings.token_file.read_text()
+    refreshes = portal.stats["refreshes"]  # the install refreshed once, to learn its member_id
     portal.expire_access_tokens()
     token, body = portal.robot_call_body(GOOD)
 
@@ -152,7 +153,7 @@ async def test_expired_access_token_is_refreshed_once(
 
     answer = await answer_for(portal, token)
     assert answer["return_values"]["error"] == ""
-    assert portal.stats["refreshes"] == 1
+    assert portal.stats["refreshes"] == refreshes + 1
     assert settings.token_file.read_text() != before
 
 

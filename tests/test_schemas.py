@@ -6,6 +6,8 @@ import pytest
 from pydantic import ValidationError
 
 from schemas import InstallEvent, RobotCall, UninstallEvent, parse_php_form
+from services.errors import AppError, BadRequest, PayloadTooLarge
+from services.php_form import MAX_ESCAPES, MAX_FIELDS, MAX_KEY_BYTES
 
 # bitrix24-wire.md section 1.2: ONAPPINSTALL as the queue server posts it.
 INSTALL_BODY = (
@@ -142,14 +144,85 @@ def test_blank_values_are_kept() -> None:
         b"a[]=" * 20000,
     ],
 )
-def test_garbage_never_raises(body: bytes) -> None:
-    assert isinstance(parse_php_form(body), dict)
+def test_garbage_is_parsed_or_refused_with_a_4xx(body: bytes) -> None:
+    try:
+        parsed: object = parse_php_form(body)
+    except AppError as exc:
+        parsed = exc.status_code
+    assert isinstance(parsed, dict) or 400 <= int(str(parsed)) < 500
 
 
-def test_keys_nested_beyond_php_limit_are_dropped() -> None:
-    parsed = parse_php_form("a" + "[x]" * 100 + "=deep&ok=1")
+# What PHP's `$_POST` holds for each body (php-src main/php_variables.c, `add_post_var` and
+# `php_register_variable_ex`; PHP 8.3 for the next free index after a negative key).
+PHP_CASES: list[tuple[str, dict[str, Any]]] = [
+    ("a", {"a": ""}),  # no `=`: an empty value
+    ("=x&&b=1&", {"b": "1"}),  # empty names and empty pairs are skipped
+    ("a[b]c=5", {"a": {"b": "5"}}),  # after `]`, anything but `[` ends the key
+    ("a[b=1", {"a_b": "1"}),  # an unclosed `[` is no index: it becomes `_`
+    ("a[b.c d[e=1", {"a_b_c_d_e": "1"}),
+    ("a[x][y=1", {"a": {"x": "1"}}),  # deeper, the unclosed tail is dropped
+    ("a.b=1&c d=2&%20e=3", {"a_b": "1", "c_d": "2", "e": "3"}),  # ` ` and `.` in names are `_`
+    ("a[ ]=x&a[ ]=y", {"a": ["x", "y"]}),  # one space before `]` still appends
+    ("a[ x]=1", {"a": {" x": "1"}}),  # but is kept in a real index
+    ("a[5]=x&a[]=y", {"a": {"5": "x", "6": "y"}}),  # append after the largest integer key
+    ("a[]=x&a[01]=y&a[]=z", {"a": {"0": "x", "01": "y", "1": "z"}}),  # `01` is a string key
+    ("a[b][]=1&a[b][]=2&a[c]=3", {"a": {"b": ["1", "2"], "c": "3"}}),
+    ("a=1&a[b]=2", {"a": {"b": "2"}}),  # an index over a scalar makes it an array
+    ("a[b]=2&a=1", {"a": "1"}),  # and a scalar replaces an array
+    ("a%00b=1&c[d%00e]=2", {"a": "1", "c_d": "2"}),  # names end at a NUL byte
+    ("v=a%00b", {"v": "a\x00b"}),  # values do not
+    ("a+b=c+d&e=%2B%26%3D", {"a_b": "c d", "e": "+&="}),
+    ("a%5Bb%5D=1", {"a": {"b": "1"}}),  # brackets may be escaped: names are decoded first
+    ("n=%D0%98%D0%B2%D0%B0%D0%BD", {"n": "Иван"}),
+    ("a[-5]=x&a[]=y", {"a": {"-5": "x", "-4": "y"}}),
+]
+
+
+@pytest.mark.parametrize(("body", "expected"), PHP_CASES)
+def test_parses_as_php_does(body: str, expected: dict[str, Any]) -> None:
+    assert parse_php_form(body.encode()) == expected
+
+
+def test_keys_nested_to_php_limit_are_kept() -> None:
+    assert parse_php_form("a" + "[x]" * 64 + "=ok")["a"]["x"]["x"] is not None
+
+
+def test_keys_nested_beyond_php_limit_drop_the_whole_variable() -> None:
+    # PHP deletes the variable, also what earlier fields put in it.
+    parsed = parse_php_form("a[k]=1&a" + "[x]" * 65 + "=deep&ok=1")
 
     assert parsed == {"ok": "1"}
+
+
+def test_a_thousand_fields_are_parsed_one_more_is_refused() -> None:
+    fields = "&".join(f"f{i}=v" for i in range(MAX_FIELDS))
+    assert len(parse_php_form(fields)) == MAX_FIELDS
+
+    with pytest.raises(PayloadTooLarge, match="more than 1000 fields"):
+        parse_php_form(fields + "&one=more")
+
+
+def test_a_key_longer_than_the_limit_is_refused() -> None:
+    with pytest.raises(PayloadTooLarge, match="field name is longer"):
+        parse_php_form("a" * (MAX_KEY_BYTES + 1) + "=1")
+
+
+def test_deep_keys_in_many_fields_are_refused_before_they_cost() -> None:
+    body = "&".join("a" + "[]" * 63 + "=x" for _ in range(100))
+
+    with pytest.raises(PayloadTooLarge, match="bracket levels"):
+        parse_php_form(body)
+
+
+def test_too_many_escapes_are_refused() -> None:
+    with pytest.raises(PayloadTooLarge, match="percent-escapes"):
+        parse_php_form("a=" + "%41" * (MAX_ESCAPES + 1))
+
+
+def test_a_percent_without_hex_digits_is_refused() -> None:
+    # PHP keeps it as it is, but `urlencode()` never writes one: no portal sends it.
+    with pytest.raises(BadRequest, match="two hex digits"):
+        parse_php_form("a=100%")
 
 
 def test_robot_call_validates_the_wire_body() -> None:

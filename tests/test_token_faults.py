@@ -106,6 +106,7 @@ async def test_a_rotated_pair_that_cannot_be_saved_is_kept_used_and_saved_later(
     installed: httpx.AsyncClient, portal: FakePortal, settings: Settings, disk: TinyTmpfs
 ) -> None:
     dead = _stored(settings, portal)["refresh_token"]
+    refreshes = portal.stats["refreshes"]  # the install refreshed once, to learn its member_id
     disk.fill()
     portal.expire_access_tokens()
 
@@ -113,7 +114,7 @@ async def test_a_rotated_pair_that_cannot_be_saved_is_kept_used_and_saved_later(
     token, body = portal.robot_call_body(GOOD)
     assert (await post_form(installed, "/robot", body)).status_code == 200
     assert (await answer_for(portal, token))["return_values"]["error"] == ""
-    assert portal.stats["refreshes"] == 1
+    assert portal.stats["refreshes"] == refreshes + 1
     assert _stored(settings, portal)["refresh_token"] == dead
     assert not portal.refresh_token_alive(dead)
     health = (await installed.get("/health")).json()
@@ -133,7 +134,7 @@ async def test_a_rotated_pair_that_cannot_be_saved_is_kept_used_and_saved_later(
     await eventually(
         lambda: any("expired_token" in error for error in portal.recent_errors), what="an expired_token reply"
     )
-    assert portal.stats["refreshes"] == 1
+    assert portal.stats["refreshes"] == refreshes + 1
     assert token not in portal.answers
 
     # Room on the disk again: the kept pair reaches the file, and work goes on from it.
@@ -144,5 +145,5 @@ async def test_a_rotated_pair_that_cannot_be_saved_is_kept_used_and_saved_later(
         what="the rotated pair on disk",
     )
     assert (await answer_for(portal, token, timeout=15))["return_values"]["error"] == ""
-    assert portal.stats["refreshes"] == 2
+    assert portal.stats["refreshes"] == refreshes + 2
     assert (await installed.get("/health")).json()["token_store_error"] is None
