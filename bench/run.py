@@ -12,7 +12,8 @@ mean little. Scenarios (`--only NAME`, repeatable):
             naive baseline (one REST request per command) measured in the same run;
 * growth  - 100, 1,000 and 10,000 queued calls: time per call and peak RSS of the app;
 * profile - where the acknowledgement time goes (pyinstrument; skipped when not installed);
-* attack  - genuine calls per second under each attack, against none (bench/attacks.py).
+* attack  - genuine calls per second under each attack, against none (bench/attacks.py);
+* modes   - the burst in each find-or-create mode (`duplicates` input; see bench/modes.py).
 
 The fake portal, the app, the bare app, the load generator and the naive client each run in their
 own process, on 127.0.0.1 only. Results: printed, and written to bench/results/latest.{md,json}.
@@ -52,6 +53,7 @@ PROJECT = Path(__file__).resolve().parent.parent
 if str(PROJECT) not in sys.path:  # `python bench/run.py` puts only bench/ on the path
     sys.path.insert(0, str(PROJECT))
 
+from bench import modes  # noqa: E402
 from bench.attacks import attack_rows, scenario_attack  # noqa: E402
 from bench.postgres import export_tokens, scenario_two, two_rows  # noqa: E402
 from config import Settings  # noqa: E402
@@ -808,6 +810,7 @@ SCENARIOS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "profile": scenario_profile,
     "attack": scenario_attack,
     "two": scenario_two,
+    "modes": modes.scenario_modes,
 }
 
 
@@ -995,6 +998,7 @@ ROWS: dict[str, Callable[[dict[str, Any]], list[tuple[str, str, str, str, str]]]
     "profile": _profile_rows,
     "attack": attack_rows,
     "two": two_rows,
+    "modes": modes.rows,
 }
 
 
@@ -1043,6 +1047,9 @@ NOTES = (
     "runs from threads of the bench process, after 1 s of it; the ratio is to the mean of the runs "
     "without an attack before and after. RSS of the app before, at the end of, and 2 s after each "
     "attack.",
+    "modes: as burst, once per `duplicates` mode, without the naive client; floor = max(arrival, bucket "
+    "time for k·⌈N/50⌉ requests), k = 2 for create (add, answer) and 3 for reuse/update (search, "
+    "add or read, answer). 'found' runs call again for the people of the create run.",
 )
 
 

@@ -52,6 +52,8 @@ class Job(NewJob):
     attempts: int = 0
     add_attempted: bool = False
     created_at: float = field(default_factory=time.time)
+    # Set when `contact_id` is an existing contact that was found: the workflow log line.
+    found_note: str = ""
 
 
 class JobJournal(Protocol):
@@ -88,6 +90,11 @@ class JobJournal(Protocol):
 
     async def retry_later(self, updates: Sequence[tuple[int, float, str]]) -> None:
         """(job id, delay in seconds, error): try the current step again after the delay."""
+        ...
+
+    async def note_found(self, updates: Sequence[tuple[int, str]]) -> None:
+        """(job id, note): the contact about to be recorded was found, not created. Written before
+        `to_send`, so a job in `send` never lacks it."""
         ...
 
     async def finish(self, updates: Sequence[tuple[int, JobState, str]]) -> None:
@@ -130,7 +137,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     next_attempt_at REAL NOT NULL,
     lease_until REAL NOT NULL DEFAULT 0,
     created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    found_note TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS jobs_due ON jobs (state, next_attempt_at);
 CREATE TABLE IF NOT EXISTS health_probe (id INTEGER PRIMARY KEY CHECK (id = 1), at REAL NOT NULL);
@@ -237,6 +245,13 @@ class SqliteJobJournal:
             [(now + delay, now, error, job_id) for job_id, delay, error in updates],
         )
 
+    async def note_found(self, updates: Sequence[tuple[int, str]]) -> None:
+        now = time.time()
+        await self._write_many(
+            "UPDATE jobs SET found_note = ?, updated_at = ? WHERE id = ?",
+            [(note, now, job_id) for job_id, note in updates],
+        )
+
     async def finish(self, updates: Sequence[tuple[int, JobState, str]]) -> None:
         now = time.time()
         await self._write_many(
@@ -298,6 +313,14 @@ class SqliteJobJournal:
     async def _fetchone(self, sql: str, params: tuple[Any, ...]) -> sqlite3.Row | None:
         rows = await self._db.run(lambda conn: conn.execute(sql, params).fetchall())
         return rows[0] if rows else None
+
+
+def _add_column(db: sqlite3.Connection, definition: str) -> None:
+    try:
+        db.execute(f"ALTER TABLE jobs ADD COLUMN {definition}")
+    except sqlite3.OperationalError as exc:
+        if "duplicate column" not in str(exc):  # another process added it a moment ago
+            raise
 
 
 def _inserter(jobs: list[NewJob]) -> Callable[[sqlite3.Connection], list[tuple[int, bool]]]:
@@ -362,6 +385,8 @@ def _add_missing_columns(conn: sqlite3.Connection) -> None:
     columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
     if "wants_answer" not in columns:
         conn.execute("ALTER TABLE jobs ADD COLUMN wants_answer INTEGER NOT NULL DEFAULT 1")
+    if "found_note" not in columns:  # find-or-create: the note saying which contact was found
+        _add_column(conn, "found_note TEXT NOT NULL DEFAULT ''")
 
 
 def _job(row: sqlite3.Row) -> Job:
@@ -382,4 +407,5 @@ def _job(row: sqlite3.Row) -> Job:
         add_attempted=bool(row["add_attempted"]),
         deadline=row["deadline"],
         created_at=row["created_at"],
+        found_note=row["found_note"],
     )

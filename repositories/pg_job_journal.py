@@ -103,6 +103,13 @@ class PostgresJobJournal:
             [(contact_id, error, now, job_id) for job_id, contact_id, error in updates],
         )
 
+    async def note_found(self, updates: Sequence[tuple[int, str]]) -> None:
+        now = time.time()
+        await self._write_many(
+            "UPDATE jobs SET found_note = %s, updated_at = %s WHERE id = %s",
+            [(note, now, job_id) for job_id, note in updates],
+        )
+
     async def retry_later(self, updates: Sequence[tuple[int, float, str]]) -> None:
         now = time.time()
         await self._write_many(
@@ -236,4 +243,5 @@ def _job(row: dict[str, Any]) -> Job:
         add_attempted=row["add_attempted"],
         deadline=row["deadline"],
         created_at=row["created_at"],
+        found_note=row.get("found_note") or "",
     )

@@ -74,6 +74,39 @@ _CATALOGUE: dict[str, dict[Lang, str]] = {
         "ru": "Портал отказался создать контакт: {detail}. {hint}",
     },
     "created": {"en": "Contact {contact_id} created", "ru": "Создан контакт {contact_id}"},
+    # Find or create (issue 13; services/contact_matching.py)
+    "duplicates_unknown": {
+        "en": "The duplicates setting {raw} is unknown; "
+        "choose create, reuse or update in the robot's settings.",
+        "ru": "Значение {raw} настройки поиска дубликатов неизвестно: выберите create, reuse или update "
+        "в настройках робота.",
+    },
+    "responsible_not_user": {
+        "en": "The responsible person {raw} is not one user; "
+        "choose a single employee in the robot's settings.",
+        "ru": "Ответственный {raw} — не один пользователь: выберите одного сотрудника в настройках робота.",
+    },
+    "search_refused": {
+        "en": "Existing contacts could not be searched: {detail}. {hint}",
+        "ru": "Не удалось найти существующие контакты: {detail}. {hint}",
+    },
+    "found_by_phone": {
+        "en": "Found contact {contact_id} by phone {value}",
+        "ru": "Найден контакт {contact_id} по телефону {value}",
+    },
+    "found_by_email": {
+        "en": "Found contact {contact_id} by email {value}",
+        "ru": "Найден контакт {contact_id} по e-mail {value}",
+    },
+    "found_several": {
+        "en": "; {count} contacts match, the oldest was taken",
+        "ru": "; подходят контакты: {count}, взят самый старый",
+    },
+    "found_filled": {"en": "; filled in: {fields}", "ru": "; заполнены поля: {fields}"},
+    "found_not_filled": {
+        "en": "; its empty fields were not filled: {detail}",
+        "ru": "; пустые поля не заполнены: {detail}",
+    },
 }
 
 # The Russian text of each client error's `admin_hint`, by class name (services/bitrix_client.py).

@@ -19,9 +19,10 @@ from urllib.parse import urlsplit
 
 from config import Settings
 from repositories.job_journal import Job, JobJournal, JobState
-from services import messages, metrics
+from services import find_or_create, messages, metrics
 from services.bitrix_client import BitrixAccessDenied, BitrixClient, BitrixError, action_hint
-from services.contact_validation import InvalidContactData, contact_fields
+from services.contact_matching import request_fields
+from services.contact_validation import InvalidContactData
 from services.leadership import FileLeadership, Leadership
 from services.messages import Lang
 from services.observability import portal_var, workflow_var
@@ -206,8 +207,20 @@ class JobWorker:
         ready += [writes.to_send(job, found[job.id], "") for job in live if found.get(job.id)]
         fresh = [job for job in live if job.id not in found]
         if fresh:
-            ready += await self._add_contacts(member_id, fresh, fields, writes)
+            ready += await self._find_or_add(member_id, fresh, fields, writes)
         return ready
+
+    async def _find_or_add(
+        self, member_id: str, jobs: list[Job], fields: dict[int, dict[str, Any]], writes: "_Writes"
+    ) -> list[Job]:
+        """Find-or-create (services/find_or_create.py); what is left is created here."""
+
+        async def add(creating: list[Job]) -> list[Job]:
+            return await self._add_contacts(member_id, creating, fields, writes)
+
+        region = self._settings.phone_default_region
+        steps = find_or_create.Steps(self._bitrix, writes, self._policy, add)
+        return await find_or_create.find_or_add(steps, member_id, jobs, fields, region)
 
     def _triage(self, jobs: list[Job], writes: "_Writes") -> tuple[list[Job], dict[int, dict[str, Any]]]:
         """CRM fields for the jobs that can still make a contact; the others go straight to the answer."""
@@ -219,7 +232,7 @@ class JobWorker:
                 ready.append(writes.to_send(job, 0, messages.text(writes.lang, "not_in_time", reason=cause)))
                 continue
             try:
-                fields[job.id] = contact_fields(job.properties, self._settings.phone_default_region)
+                fields[job.id] = request_fields(job.properties, self._settings.phone_default_region)
             except InvalidContactData as exc:
                 ready.append(writes.to_send(job, 0, exc.message(writes.lang)))
         return ready, fields
@@ -324,17 +337,28 @@ class _Writes:
 
     lang: Lang = "en"  # the portal's: the workflow's `error` and LOG_MESSAGE are in it
     sends: list[tuple[int, int, str]] = field(default_factory=list)
+    notes: list[tuple[int, str]] = field(default_factory=list)
     retries: list[tuple[int, float, str]] = field(default_factory=list)
     finished: list[tuple[int, JobState, str]] = field(default_factory=list)
 
     def to_send(self, job: Job, contact_id: int, error: str) -> Job:
+        if job.found_note:  # decided "found" in an earlier, interrupted pass; created now
+            self.notes.append((job.id, ""))
         self.sends.append((job.id, contact_id, error))
         _set_context(job)
         if error:
             logger.warning("Job %d: no contact: %s", job.id, error)
         else:
             logger.info("Job %d: contact %d", job.id, contact_id)
-        return replace(job, state="send", contact_id=contact_id, error=error)
+        return replace(job, state="send", contact_id=contact_id, error=error, found_note="")
+
+    def found(self, job: Job, contact_id: int, note: str) -> Job:
+        """An existing contact is the answer; the note goes to the journal before the id."""
+        self.notes.append((job.id, note))
+        _set_context(job)
+        logger.info("Job %d: %s", job.id, note)
+        self.sends.append((job.id, contact_id, ""))
+        return replace(job, state="send", contact_id=contact_id, error="", found_note=note)
 
     def retry(self, job: Job, error: BitrixError, policy: RetryPolicy, at_least: float = 0.0) -> None:
         delay = policy.delay(job.attempts, error.retry_after)
@@ -379,8 +403,10 @@ class _Writes:
             )
 
     async def flush(self, journal: JobJournal) -> None:
-        sends, retries, finished = self.sends, self.retries, self.finished
-        self.sends, self.retries, self.finished = [], [], []
+        sends, retries, finished, notes = self.sends, self.retries, self.finished, self.notes
+        self.sends, self.retries, self.finished, self.notes = [], [], [], []
+        if notes:
+            await journal.note_found(notes)
         if sends:
             await journal.to_send(sends)
         if retries:
@@ -429,10 +455,11 @@ def _add_params(job: Job, fields: dict[str, Any]) -> dict[str, Any]:
 
 
 def _answer_params(job: Job, lang: Lang) -> dict[str, Any]:
-    log = job.error or messages.text(lang, "created", contact_id=job.contact_id)
+    log = job.error or job.found_note or messages.text(lang, "created", contact_id=job.contact_id)
+    duplicate = "Y" if job.found_note and not job.error else "N"
     return {
         "event_token": job.event_token,
-        "return_values": {"contact_id": job.contact_id, "error": job.error},
+        "return_values": {"contact_id": job.contact_id, "error": job.error, "duplicate": duplicate},
         "log_message": log,
     }
 

@@ -788,8 +788,11 @@ def _field_values(contact: Mapping[str, Any], name: str) -> list[str]:
 
 
 def _split_operator(key: str) -> tuple[str, str]:
-    """``"!=ORIGIN_ID"`` -> ``("!=", "ORIGIN_ID")``; only the operators tests need are known."""
-    for operator in ("!=", "!", "=", "%"):
+    """``"!=ORIGIN_ID"`` -> ``("!=", "ORIGIN_ID")``; only the operators tests need are known.
+
+    `@` is IN and `!@` NOT IN, with an array value (api-reference/crm/contacts/crm-contact-list.md).
+    """
+    for operator in ("!@", "!=", "!", "@", "=", "%"):
         if key.startswith(operator):
             return operator, key[len(operator) :]
     return "", key
@@ -841,36 +844,106 @@ def _contact_list(call: _Call) -> Any:
     return _ListResult(items, len(found), following)
 
 
+def _normalize_phone(value: str) -> str:
+    """The portal's phone match code.
+
+    crm/lib/integrity/duplicatecommunicationcriterion.php `normalizePhone` calls main/tools.php
+    `NormalizePhone($value, 1)`: "+8..." becomes "008...", everything but digits, `#` and `*` is
+    dropped, and a number of 10+ digits loses an international prefix (00, 011) or a trunk 0, while
+    a leading 8 becomes 7 (80/81/82 stay). The docs add that the extension is not considered
+    (api-reference/crm/duplicates/crm-duplicate-find-by-comm.md), so it is cut off first.
+    """
+    number = re.split(r"(?i)#|доб|ext|x(?=\s*\d)|;|,", value.strip())[0].strip()
+    if len(number) >= 10 and number.startswith("+8"):
+        number = "00" + number[1:]
+    number = re.sub(r"[^0-9#*]", "", number)
+    if len(number) >= 10 and number[:2] not in ("80", "81", "82"):
+        if number.startswith("00"):
+            number = number[2:]
+        elif number.startswith("011"):
+            number = number[3:]
+        elif number.startswith("8"):
+            number = "7" + number[1:]
+        elif number.startswith("0"):
+            number = number[1:]
+    return number
+
+
 def _comm_key(kind: str, value: Any) -> str:
     text = str(value).strip()
-    if kind == "EMAIL":
-        return text.lower()
-    # Phone matching ignores formatting and the extension; RU "8..." equals "+7...".
-    digits = re.sub(r"\D", "", re.split(r"[A-Za-zА-Яа-я#;,]", text)[0])
-    return "7" + digits[1:] if len(digits) == 11 and digits.startswith("8") else digits
+    # E-mail match codes are lower-cased (DuplicateCommunicationCriterion::prepareCodes).
+    return text.lower() if kind == "EMAIL" else _normalize_phone(text)
 
 
 def _find_by_comm(call: _Call) -> Any:
+    """crm.duplicate.findbycomm as crm/classes/general/restservice.php `CCrmDuplicateRestProxy` runs it.
+
+    `values` must be an array (a bare string is "not defined", as the RU tutorial
+    tutorials/crm/how-to-get-lists/search-by-phone-and-email.md also says); non-strings and empty
+    strings are skipped, equal values count once, at most 20 distinct values are searched and each
+    finds at most 20 entities. Only types with hits appear, so an empty result is PHP's `[]`.
+    """
     kind = str(call.param("type") or "").upper()
     if not kind:
         raise PortalError(400, "Communication type is not defined", "Parameter 'type' is required.")
     if kind not in ("EMAIL", "PHONE"):
         raise PortalError(400, f"Communication type '{kind}' is not supported in current context", "")
     values = call.param("values")
-    values = [values] if isinstance(values, str) and values else values
     if not isinstance(values, list) or not values:
         raise PortalError(400, "Communication values is not defined", "")
     entity = str(call.param("entity_type") or "").upper()
-    if entity not in ("", "LEAD", "CONTACT", "COMPANY"):
-        raise PortalError(400, f"Entity type '{entity}' is not supported in current context", "")
-    wanted = {_comm_key(kind, value) for value in values[:20]}
-    ids = [
-        int(contact["ID"])
-        for contact in call.state.contacts
-        if entity in ("", "CONTACT")
-        and any(_comm_key(kind, v) in wanted for v in _field_values(contact, kind) if v)
-    ]
-    return {"CONTACT": ids} if ids else []  # PHP empty array -> `[]` (wire doc 8.3)
+    if entity == "DEAL":
+        raise PortalError(400, "Deal is not supported in current context.", "")
+    codes = list(dict.fromkeys(_comm_key(kind, v) for v in values if isinstance(v, str) and v))[:20]
+    hits: dict[str, list[int]] = {code: [] for code in codes if code}
+    for contact in call.state.contacts:  # one scan: the portal reads an index of match codes
+        for code in {_comm_key(kind, v) for v in _field_values(contact, kind) if v} & hits.keys():
+            if len(hits[code]) < 20:
+                hits[code].append(int(contact["ID"]))
+    ids = list(dict.fromkeys(i for code in codes if code for i in hits[code]))
+    # This portal keeps contacts only: an entity type other than CONTACT finds nothing here.
+    return {"CONTACT": ids} if ids and entity in ("", "CONTACT") else []
+
+
+def _contact_update(call: _Call) -> Any:
+    """crm.contact.update (api-reference/crm/contacts/crm-contact-update.md): only the given fields
+    change; a multifield row without `ID` is added, one with `ID` is changed, and one with `ID` and
+    `DELETE=Y` or an empty `VALUE` is removed ("Working with Multiple Fields")."""
+    raw = call.param("id")
+    if not (isinstance(raw, int | str) and str(raw).isdigit() and int(raw) > 0):
+        raise PortalError(400, "", "ID is not defined or invalid.")
+    if int(raw) > len(call.state.contacts):
+        raise PortalError(400, "", "Contact is not found")
+    fields = call.param("fields")
+    if not isinstance(fields, dict):
+        raise PortalError(400, "", "Parameter 'fields' must be array.")
+    fields = {key.upper(): value for key, value in fields.items()}
+    _check_emails(fields)
+    contact = call.state.contacts[int(raw) - 1]
+    for key, value in fields.items():
+        if key in _MULTIFIELDS:
+            contact[key] = _merge_multifield(int(raw), _multifield_items(contact.get(key)), value)
+        elif key != "ID":
+            contact[key] = copy.deepcopy(value)
+    return True
+
+
+def _merge_multifield(contact_id: int, current: list[dict[str, Any]], rows: Any) -> list[dict[str, Any]]:
+    # Existing rows are addressed by the IDs crm.contact.get shows (see _multifield_view).
+    current = [item for item in current if str(item.get("VALUE") or "")]
+    kept = {str(contact_id * 1000 + index): dict(item) for index, item in enumerate(current)}
+    added: list[dict[str, Any]] = []
+    for row in _multifield_items(rows):
+        row_id, value = str(row.get("ID") or ""), str(row.get("VALUE") or "")
+        if not row_id:
+            if value:
+                added.append({"VALUE": value, "VALUE_TYPE": str(row.get("VALUE_TYPE") or "WORK")})
+        elif row_id in kept:
+            if str(row.get("DELETE") or "").upper() == "Y" or not value:
+                del kept[row_id]
+            else:
+                kept[row_id].update(VALUE=value, VALUE_TYPE=str(row.get("VALUE_TYPE") or "WORK"))
+    return [*kept.values(), *added]
 
 
 # -- bizproc.event.send / bizproc.activity.log (wire doc 7) -----------------------------------
@@ -930,6 +1003,7 @@ _METHODS: dict[str, Callable[[_Call], Any]] = {
     "crm.contact.add": _contact_add,
     "crm.contact.get": _contact_get,
     "crm.contact.list": _contact_list,
+    "crm.contact.update": _contact_update,
     "crm.duplicate.findbycomm": _find_by_comm,
     "bizproc.event.send": _event_send,
     "bizproc.activity.log": _activity_log,
@@ -1246,6 +1320,7 @@ class FakePortal:
         self._released.set()
         self._replies_released = threading.Event()
         self._replies_released.set()
+        self._replies_to_pass = 0  # replies still answered at once after hold(replies=True, after=n)
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._socket: socket.socket | None = None
@@ -1421,6 +1496,28 @@ class FakePortal:
         waits = str(robot.get("USE_SUBSCRIPTION") or "Y").upper() != "N"  # empty means wait
         return user_id, waits
 
+    def _robot_properties(self, code: str, given: Mapping[str, Any]) -> dict[str, Any]:
+        """`properties[...]` as the portal fills them: every registered input, nothing else.
+
+        bizproc/classes/general/restactivity.php `execute()` sends each of the robot's PROPERTIES:
+        the designer's value (its `Default` when never set, `''` when empty) after
+        FieldType::externalizeValue, which leaves a `select` its option key and a `user` its
+        internal `user_<id>` form (bizproc/lib/basetype/select.php, user.php). Keys in `given` that
+        the robot does not have are passed on too, after the registered ones: a real portal never
+        sends them, but tests forge such bodies on purpose. A robot this portal does not know gets
+        `given` unchanged.
+        """
+        with self._state.lock:
+            registered = copy.deepcopy(self._state.robots.get(code, {}).get("PROPERTIES"))
+        if not isinstance(registered, dict):
+            return dict(given)
+        values: dict[str, Any] = {}
+        for key, descriptor in registered.items():
+            default = next((v for k, v in descriptor.items() if k.upper() == "DEFAULT"), None)
+            value = given.get(key, default)
+            values[key] = "" if value is None else value
+        return {**values, **{key: value for key, value in given.items() if key not in values}}
+
     def robot_call_body(
         self,
         properties: Mapping[str, Any],
@@ -1464,7 +1561,7 @@ class FakePortal:
                 ("document_id", list(document_id)),
                 ("document_type", document_type),
                 ("event_token", token),
-                ("properties", dict(properties)),
+                ("properties", self._robot_properties(code, properties)),
                 ("use_subscription", "Y" if waits else "N"),
                 ("timeout_duration", timeout_duration),
                 ("ts", str(int(time.time()))),
@@ -1585,12 +1682,27 @@ class FakePortal:
             self._state.failures.clear()
             self._state.late_replies.clear()
 
-    def hold(self, *, replies: bool = False) -> None:
+    def hold(self, *, replies: bool = False, after: int = 0) -> None:
         """Stall REST requests before they run; with `replies`, after they ran but before the reply.
 
         Holding replies models a portal that did the work while the app died waiting for the answer.
+        `after` lets that many more REST requests be answered first (say, a search before an add).
         """
+        with self._state.lock:
+            self._replies_to_pass = after if replies else 0
         (self._replies_released if replies else self._released).clear()
+
+    def set_robot_properties(self, code: str, properties: Mapping[str, Any]) -> None:
+        """The robot's inputs as an earlier version of the app registered them."""
+        with self._state.lock:
+            self._state.robots[code]["PROPERTIES"] = copy.deepcopy(dict(properties))
+
+    def add_contact(self, fields: Mapping[str, Any], user_id: int | None = None) -> int:
+        """A contact that was in the CRM before the test, made as crm.contact.add makes it."""
+        with self._state.lock:
+            user = self.config.admin_user_id if user_id is None else user_id
+            result: int = _contact_add(_Call(self._state, user, {"fields": dict(fields)}))
+            return result
 
     def hold_method(self, *methods: str) -> None:
         """Stall the REST calls of these methods only (a portal that hangs on them)."""
@@ -1782,13 +1894,20 @@ class FakePortal:
             except PortalError as exc:
                 self._state.note_error(method, exc)
                 response = _error_response(exc)
-        await self._wait_while_held(self._replies_released)
+        await self._hold_reply()
         if late is not None:
             if not late.slow_work:
                 await self._stall(late.delay)
             if late.status is not None:  # the gateway's page, not a Bitrix envelope
                 return HTMLResponse("<html><body>Bad Gateway</body></html>", status_code=late.status)
         return response
+
+    async def _hold_reply(self) -> None:
+        """With `hold(replies=True)`, wait before replying; `after` lets that many replies through."""
+        with self._state.lock:
+            passing, self._replies_to_pass = self._replies_to_pass > 0, max(0, self._replies_to_pass - 1)
+        if not passing:
+            await self._wait_while_held(self._replies_released)
 
     @staticmethod
     def _envelope(result: Any, started: float, figures: Mapping[str, Any]) -> dict[str, Any]:

@@ -118,3 +118,22 @@ async def test_a_database_outage_gives_503_and_the_app_recovers(
         assert accepted.status_code == 200
         answer = await answer_for(portal, token, timeout=20)
         assert answer["return_values"]["error"] == ""
+
+
+async def test_a_found_contact_is_answered_as_a_duplicate(
+    installed: httpx.AsyncClient, portal: FakePortal, backend: str
+) -> None:
+    existing = portal.add_contact({"LAST_NAME": "Ivanov", "PHONE": [{"VALUE": "8 999 123 45 67"}]})
+    token, body = portal.robot_call_body(
+        {"first_name": "Ivan", "phone": "+79991234567", "duplicates": "reuse"}
+    )
+
+    assert (await post_form(installed, "/robot", body)).status_code == 200
+
+    answer = await answer_for(portal, token)
+    assert (int(answer["return_values"]["contact_id"]), answer["return_values"]["duplicate"]) == (
+        existing,
+        "Y",
+    )
+    assert answer["log_message"] == f"Found contact {existing} by phone +79991234567"  # the journaled note
+    assert len(portal.contacts) == 1

@@ -37,9 +37,12 @@ async def test_install_event_stores_tokens_and_registers_robot(
     robot = portal.robots["create_contact"]
     assert robot["HANDLER"] == f"{APP_URL}/robot"
     assert robot["USE_SUBSCRIPTION"] == "Y"
-    assert set(robot["PROPERTIES"]) == {"last_name", "first_name", "second_name", "phone", "email"}
+    assert set(robot["PROPERTIES"]) == {
+        *("last_name", "first_name", "second_name", "phone", "email"),
+        *("duplicates", "responsible"),
+    }
     assert robot["PROPERTIES"]["last_name"]["Name"] == {"ru": "Фамилия", "en": "Last name"}
-    assert set(robot["RETURN_PROPERTIES"]) == {"contact_id", "error"}
+    assert set(robot["RETURN_PROPERTIES"]) == {"contact_id", "error", "duplicate"}
     assert robot["RETURN_PROPERTIES"]["contact_id"]["Type"] == "int"
     assert {"event": "ONAPPUNINSTALL", "handler": f"{APP_URL}/uninstall"} in [
         {"event": e["event"], "handler": e["handler"]} for e in portal.bound_events

@@ -1,0 +1,165 @@
+"""The REST side of find-or-create, and how its decisions become journal writes.
+
+`contact_matching` decides; this module asks the portal what the decision needs (one search
+`batch` per pass, one read `batch` when anyone was found, one fill `batch` in `update` mode) and
+routes each job: answered with a found contact, created by the worker, or retried.
+"""
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from repositories.job_journal import Job
+from services import messages
+from services.bitrix_client import BitrixClient, BitrixError
+from services.contact_matching import (
+    Decision,
+    Found,
+    Wanted,
+    decide,
+    found_ids,
+    read_commands,
+    read_found,
+    read_mode,
+    search_commands,
+    update_params,
+)
+from services.messages import Lang
+from services.retry import RetryPolicy
+
+
+class Writes(Protocol):
+    """The worker's journal writes for one pass (services/worker.py `_Writes`)."""
+
+    sends: list[tuple[int, int, str]]
+    lang: Lang
+
+    def to_send(self, job: Job, contact_id: int, error: str) -> Job: ...
+
+    def found(self, job: Job, contact_id: int, note: str) -> Job: ...
+
+    def retry(self, job: Job, error: BitrixError, policy: RetryPolicy) -> None: ...
+
+
+@dataclass(frozen=True)
+class Steps:
+    """What find-or-create needs from the worker: the client, the writes, the policy, the adds."""
+
+    bitrix: BitrixClient
+    writes: Writes
+    policy: RetryPolicy
+    add: Callable[[list[Job]], Awaitable[list[Job]]]
+
+
+@dataclass
+class Plan:
+    """Decisions by job id; `error` when the search failed (the looking jobs get no decision)."""
+
+    decisions: dict[int, Decision] = field(default_factory=dict)
+    error: BitrixError | None = None
+
+
+async def find_or_add(
+    steps: Steps, member_id: str, jobs: list[Job], fields: Mapping[int, Mapping[str, Any]], region: str
+) -> list[Job]:
+    """Decide for each job, answer the found ones, create the rest; returns the jobs ready to answer."""
+    wanted = [Wanted(job.id, read_mode(job.properties), fields[job.id]) for job in jobs]
+    decided = await plan(steps.bitrix, member_id, wanted, region)
+    ready: list[Job] = []
+    if decided.error is not None:
+        undecided = [job for job in jobs if job.id not in decided.decisions]
+        ready += _search_failed(steps, undecided, decided.error)
+    decisions = decided.decisions
+    ready += await _take_found(steps, member_id, jobs, decisions)
+    creating = [job for job in jobs if job.id in decisions and decisions[job.id].action == "create"]
+    if creating:
+        ready += await steps.add(creating)
+    return ready + _take_in_pass(steps, jobs, decisions)
+
+
+async def plan(bitrix: BitrixClient, member_id: str, wanted: Sequence[Wanted], region: str) -> Plan:
+    """Search the portal for the jobs that look first, then decide for every job."""
+    commands = search_commands(wanted)
+    found: dict[int, Found] = {}
+    try:
+        if commands:
+            results = await _run(bitrix, member_id, commands)
+            ids = found_ids(results)
+            if ids:
+                found = read_found(await _run(bitrix, member_id, read_commands(ids)), region)
+    except BitrixError as exc:
+        creating = [w for w in wanted if w.mode == "create"]
+        return Plan({d.job_id: d for d in decide(creating, {})}, exc)
+    return Plan({d.job_id: d for d in decide(wanted, found)})
+
+
+def _search_failed(steps: Steps, jobs: list[Job], exc: BitrixError) -> list[Job]:
+    """A search that may work later is retried; a refused one answers (creating could duplicate)."""
+    if exc.retryable:
+        for job in jobs:
+            steps.writes.retry(job, exc, steps.policy)
+        return []
+    lang = steps.writes.lang
+    reason = messages.text(lang, "search_refused", detail=exc, hint=messages.hint(lang, exc))
+    return [steps.writes.to_send(job, 0, reason) for job in jobs]
+
+
+async def _take_found(
+    steps: Steps, member_id: str, jobs: list[Job], decisions: Mapping[int, Decision]
+) -> list[Job]:
+    """Jobs answered with a contact the portal already had (`update` mode fills it first)."""
+    found = [job for job in jobs if job.id in decisions and decisions[job.id].action == "found"]
+    found = [job for job in found if not decisions[job.id].creator]
+    failures = await _fill(steps.bitrix, member_id, [decisions[j.id] for j in found if decisions[j.id].fill])
+    ready: list[Job] = []
+    for job in found:
+        decision, error = decisions[job.id], failures.get(job.id)
+        if error is not None and error.retryable:
+            steps.writes.retry(job, error, steps.policy)
+            continue
+        # A refused fill leaves the contact the answer; the log says what was not filled.
+        note = decision.note(decision.contact_id, steps.writes.lang, str(error or ""))
+        ready.append(steps.writes.found(job, decision.contact_id, note))
+    return ready
+
+
+def _take_in_pass(steps: Steps, jobs: list[Job], decisions: Mapping[int, Decision]) -> list[Job]:
+    """Jobs whose contact an earlier job of this pass created; `later` ones look again next pass."""
+    created = {job_id: contact_id for job_id, contact_id, _ in steps.writes.sends if contact_id}
+    ready: list[Job] = []
+    for job in jobs:
+        decision = decisions.get(job.id)
+        if decision is None or not decision.creator:
+            continue
+        contact_id = created.get(decision.creator, 0)
+        if decision.action == "found" and contact_id:
+            ready.append(steps.writes.found(job, contact_id, decision.note(contact_id, steps.writes.lang)))
+        else:  # its creator failed, or `update` mode: the next pass finds it in the portal
+            steps.writes.retry(job, BitrixError("the same person's contact is being created"), steps.policy)
+    return ready
+
+
+async def _fill(
+    bitrix: BitrixClient, member_id: str, decisions: Sequence[Decision]
+) -> dict[int, BitrixError | None]:
+    """Run the `update` mode's fills; the outcome per job (None: filled)."""
+    commands = {
+        f"fill{d.job_id}": ("crm.contact.update", update_params(d.contact_id, d.fill)) for d in decisions
+    }
+    if not commands:
+        return {}
+    try:
+        outcome = await bitrix.batch(member_id, commands)
+    except BitrixError as exc:
+        return {d.job_id: exc for d in decisions}
+    return {d.job_id: outcome.errors.get(f"fill{d.job_id}") for d in decisions}
+
+
+async def _run(
+    bitrix: BitrixClient, member_id: str, commands: Mapping[str, tuple[str, Mapping[str, Any]]]
+) -> dict[str, Any]:
+    """One batch whose commands must all succeed: a failed search must not read as "nobody"."""
+    outcome = await bitrix.batch(member_id, commands)
+    if outcome.errors:
+        raise next(iter(outcome.errors.values()))
+    return outcome.results
