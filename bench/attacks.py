@@ -28,7 +28,7 @@ from urllib.parse import quote
 import httpx
 
 if TYPE_CHECKING:  # bench.run imports this module; only its types are needed here
-    from bench.run import Bench, Server
+    from bench.harness import Bench, Server
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 SLOW_CONNECTIONS = 500

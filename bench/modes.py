@@ -20,8 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from bench import bodies as robot_bodies
+from bench import burst, harness
+
 if TYPE_CHECKING:
-    from bench.run import Bench
+    from bench.harness import Bench
 
 TARGETS = {"create": 0.05, "reuse": 0.07, "wall_over_floor": 1.2}
 # REST requests a pass of 50 calls needs at least: search (not in create), adds or reads, answers.
@@ -31,8 +34,6 @@ RUNS = (("create", "new"), ("reuse", "new"), ("reuse", "found"), ("update", "fou
 
 def scenario_modes(bench: Bench) -> dict[str, Any]:
     """The burst once per mode; see the module docstring."""
-    from bench import run  # bench/run.py imports this module; import it back only when running
-
     count = bench.plan.burst_calls
     created = 0  # the first index of the people the create run made
     results: dict[str, Any] = {}
@@ -44,31 +45,31 @@ def scenario_modes(bench: Bench) -> dict[str, Any]:
             offset = bench.indices(count) if who == "new" else created
             created = offset if mode == "create" else created
             people = [offset + i for i in range(count)]
-        results[f"{mode}, {who}"] = _one_run(bench, run, mode, people)
+        results[f"{mode}, {who}"] = _one_run(bench, mode, people)
     return results
 
 
-def _one_run(bench: Bench, run: Any, mode: str, people: list[int]) -> dict[str, Any]:
+def _one_run(bench: Bench, mode: str, people: list[int]) -> dict[str, Any]:
     portal, drain, count, tag = bench.portal, bench.plan.drain, len(people), f"modes-{mode}-{people[0]}"
     portal.release()
-    portal.rate_limit(run.BURST, drain)
-    app = bench.start_app(tag, RATE_LIMIT_BURST=str(run.BURST), RATE_LIMIT_PER_SECOND=str(drain))
+    portal.rate_limit(harness.BURST, drain)
+    app = bench.start_app(tag, RATE_LIMIT_BURST=str(harness.BURST), RATE_LIMIT_PER_SECOND=str(drain))
     try:
-        calls = asyncio.run(_bodies(portal.url, run, mode, people))
+        calls = asyncio.run(_bodies(portal.url, mode, people))
         bodies = bench.bodies_file(tag, [body for _, body in calls])
-        run._settle_bucket(drain)
+        burst._settle_bucket(drain)
         before = portal.stats()
         process, out = bench.start_loadgen(app, ["--bodies", str(bodies)], 0, f"modes-{mode}")
-        done_at = run._wait_answers(portal, before["answers"] + count, process, 180.0)
+        done_at = burst._wait_answers(portal, before["answers"] + count, process, 180.0)
         result = bench.finish_loadgen(process, out, 60.0)
-        run._require_all_ok(result, f"modes {mode}")
+        harness._require_all_ok(result, f"modes {mode}")
         after = portal.stats()
         found = _duplicates(portal.answers(), [token for token, _ in calls])
     finally:
         app.stop()
     requests = after["rest_requests"] - before["rest_requests"]
-    floor_requests = _REQUESTS_PER_PASS[mode] * math.ceil(count / run.BATCH)
-    floor = max(result["elapsed"], run.bucket_seconds(floor_requests, run.BURST, drain))
+    floor_requests = _REQUESTS_PER_PASS[mode] * math.ceil(count / harness.BATCH)
+    floor = max(result["elapsed"], burst.bucket_seconds(floor_requests, harness.BURST, drain))
     wall = done_at - result["first_send"]
     return {
         "mode": mode,
@@ -84,12 +85,12 @@ def _one_run(bench: Bench, run: Any, mode: str, people: list[int]) -> dict[str, 
     }
 
 
-async def _bodies(url: str, run: Any, mode: str, people: list[int]) -> list[tuple[str, str]]:
+async def _bodies(url: str, mode: str, people: list[int]) -> list[tuple[str, str]]:
     gate = asyncio.Semaphore(8)
     async with httpx.AsyncClient(base_url=url, timeout=30.0) as client:
 
         async def one(index: int) -> tuple[str, str]:
-            properties = {**run.properties(index), "duplicates": mode}
+            properties = {**robot_bodies.properties(index), "duplicates": mode}
             async with gate:
                 reply = await client.post("/_fake/robot-body", json={"properties": properties})
             reply.raise_for_status()

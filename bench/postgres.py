@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from bench.run import Bench
+    from bench.harness import Bench
 
 TWO_TARGET = 1.6
 
@@ -30,7 +30,7 @@ def export_tokens(database_url: str, path: Path) -> None:
 
 
 def scenario_two(bench: Bench) -> dict[str, Any]:
-    from bench.run import BenchError, _require_all_ok
+    from bench.harness import BenchError, _require_all_ok
 
     if bench.database is None:
         raise BenchError("two instances need a shared database: run with --database postgresql")

@@ -37,7 +37,7 @@ PROJECT = Path(__file__).resolve().parent.parent
 if str(PROJECT) not in sys.path:
     sys.path.insert(0, str(PROJECT))
 
-from bench.run import properties, template_bodies  # noqa: E402
+from bench.bodies import properties, template_bodies  # noqa: E402
 from config import Settings, get_settings  # noqa: E402
 from tests.fake_portal import FakePortalConfig  # noqa: E402
 

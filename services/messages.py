@@ -109,7 +109,7 @@ _CATALOGUE: dict[str, dict[Lang, str]] = {
     },
 }
 
-# The Russian text of each client error's `admin_hint`, by class name (services/bitrix_client.py).
+# The Russian text of each client error's `admin_hint`, by class name (services/bitrix_errors.py).
 _HINTS_RU: dict[str, str] = {
     "BitrixTransportError": "Портал недоступен: проверьте сеть между приложением и Битрикс24.",
     "BitrixAuthError": "Портал отклонил токен приложения: откройте /oauth/login, чтобы снова "
