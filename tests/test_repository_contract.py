@@ -303,3 +303,30 @@ async def test_a_rotated_pair_the_store_refuses_is_kept_and_stored_later(
             stored = await again.tokens.get("m1", fresh=True)
             assert stored is not None
             assert stored.refresh_token == "refresh-2"
+
+
+# --- what the other protocols' users read back (same answer on both back ends) ------------------
+
+
+async def test_a_call_that_wants_no_answer_is_journaled_as_such(stores: Backend) -> None:
+    # use_subscription=N (services/processing.py): the worker must not answer that workflow.
+    await stores.journal.add(NewJob(**{**new_job("quiet").__dict__, "wants_answer": False}))
+    await stores.journal.add(new_job("waits"))
+    claimed = {job.event_token: job.wants_answer for job in await stores.journal.claim(10, 60)}
+    assert claimed == {"quiet": False, "waits": True}
+
+
+async def test_stats_count_failing_jobs_and_answers_with_an_error(stores: Backend) -> None:
+    # /health's "degraded" and the status page read these figures on either back end.
+    ids = [(await stores.journal.add(new_job(f"t{i}")))[0] for i in range(3)]
+    for _ in range(3):
+        await stores.journal.retry_later([(ids[0], 0.0, "portal busy")])
+    await stores.journal.finish([(ids[1], "failed", "gave up"), (ids[2], "done", "bad e-mail")])
+    stats = await stores.journal.stats()
+    assert (stats.retrying, stats.failed_last_day, stats.answered_with_error) == (1, 1, 1)
+
+
+async def test_recent_runs_name_their_document(stores: Backend) -> None:
+    # The status page links each run to its CRM item by document_id.
+    await stores.journal.add(new_job("t1"))
+    assert [run.document_id for run in await stores.journal.recent(1)] == ["doc"]
