@@ -330,3 +330,28 @@ async def test_recent_runs_name_their_document(stores: Backend) -> None:
     # The status page links each run to its CRM item by document_id.
     await stores.journal.add(new_job("t1"))
     assert [run.document_id for run in await stores.journal.recent(1)] == ["doc"]
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+async def test_moving_to_postgresql_keeps_what_each_job_must_answer(
+    tmp_path: Path, database_url: str
+) -> None:
+    # repositories.migrate_to_postgres: a job that wants no answer, and a found contact's note
+    # (duplicate=Y in the answer), must mean the same after the move.
+    from repositories.migrate_to_postgres import copy_jobs
+    from repositories.postgres import open_pool
+
+    async with open_backend(backend_settings(tmp_path, None)) as embedded:
+        quiet, _ = await embedded.journal.add(NewJob(**{**new_job("quiet").__dict__, "wants_answer": False}))
+        found, _ = await embedded.journal.add(new_job("found"))
+        await embedded.journal.note_found([(found, "Found contact 7 by phone.")])
+        await embedded.journal.to_send([(found, 7, "")])
+    async with open_backend(backend_settings(tmp_path / "pg", database_url)) as moved:
+        pool = await open_pool(database_url, max_size=2)
+        try:
+            assert await copy_jobs(pool, tmp_path / "jobs.sqlite3") == (2, 0)
+        finally:
+            await pool.close()
+        jobs = {job.event_token: job for job in await moved.journal.claim(10, 60)}
+    assert jobs["quiet"].wants_answer is False
+    assert (jobs["found"].state, jobs["found"].found_note) == ("send", "Found contact 7 by phone.")
