@@ -138,10 +138,15 @@ class PostgresJobJournal:
         return float(due) if due is not None else None
 
     async def check(self) -> str | None:
-        # A round trip only (no schema change in this merge): a database that is down or
-        # unreachable says "down"; a full disk shows up as 503s on the calls themselves.
+        # A durable write, as in the embedded journal: a server that answers but takes no writes
+        # (read-only, a standby after a failover, a full disk) cannot accept robot calls.
         try:
-            await self._fetch("SELECT 1 AS ok", ())
+            async with self._pool.connection() as conn, conn.transaction():
+                await conn.execute(
+                    "INSERT INTO health_probe (id, at) VALUES (1, %s)"
+                    " ON CONFLICT (id) DO UPDATE SET at = EXCLUDED.at",
+                    (time.time(),),
+                )
         except Exception as exc:
             return f"The PostgreSQL job journal cannot be used: {exc}"
         return None

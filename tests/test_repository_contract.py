@@ -355,3 +355,18 @@ async def test_moving_to_postgresql_keeps_what_each_job_must_answer(
         jobs = {job.event_token: job for job in await moved.journal.claim(10, 60)}
     assert jobs["quiet"].wants_answer is False
     assert (jobs["found"].state, jobs["found"].found_note) == ("send", "Found contact 7 by phone.")
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+async def test_a_database_that_takes_no_writes_is_reported(tmp_path: Path, database_url: str) -> None:
+    # /health is "down" when the journal cannot take a write (interface.md): a server that
+    # answers but is read-only (a standby after a failover, a full disk) must say so.
+    async with open_backend(backend_settings(tmp_path, database_url)) as stores:
+        assert stores.pool is not None
+        assert await stores.journal.check() is None
+        name = database_url.rsplit("/", 1)[1]
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+        await stores.pool.drain()  # new sessions take the setting, as after a failover
+        reason = await stores.journal.check()
+        assert reason is not None and "read-only" in reason
