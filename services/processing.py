@@ -418,6 +418,7 @@ class ProcessingService:
         settings = self._settings
         report = StatusReport(
             health=health,
+            portals_installed=len((await self._portal_statuses())[0]),
             handler_url=settings.robot_handler_url,
             handler_warnings=handler_warnings(settings.app_base_url, listen_port),
             language=messages.choose(
