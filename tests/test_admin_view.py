@@ -476,15 +476,16 @@ def test_status_page_shows_a_renamed_portal_and_what_to_change() -> None:
         "https://new.bitrix24.ru and restart the app."
     )
     followed = status_page(_report(portal={"renamed_from": "older.bitrix24.ru"}))
-    assert 'class="renamed-from"' in followed and "older.bitrix24.ru" in followed
+    assert 'class="renamed-from"' in followed
+    assert "older.bitrix24.ru" in followed
     refused = status_page(_report(portal={"moved_to": "https://new.bitrix24.ru/", "move_advice": advice}))
-    assert 'class="box bad move-advice"' in refused and advice in refused
+    assert 'class="box bad move-advice"' in refused
+    assert advice in refused
 
 
 def test_status_page_does_not_ask_to_install_a_portal_that_is_installed_but_disconnected() -> None:
     from services.pages import status_page
 
-    page = status_page(
-        _report(portal_connected=False, reasons=["No usable tokens: open /oauth/login to authorize the app again."])
-    )
+    reason = "No usable tokens: open /oauth/login to authorize the app again."
+    page = status_page(_report(portal_connected=False, reasons=[reason]))
     assert "No portal connected yet" not in page

@@ -342,7 +342,7 @@ async def test_moving_to_postgresql_keeps_what_each_job_must_answer(
     from repositories.postgres import open_pool
 
     async with open_backend(backend_settings(tmp_path, None)) as embedded:
-        quiet, _ = await embedded.journal.add(NewJob(**{**new_job("quiet").__dict__, "wants_answer": False}))
+        _quiet, _ = await embedded.journal.add(NewJob(**{**new_job("quiet").__dict__, "wants_answer": False}))
         found, _ = await embedded.journal.add(new_job("found"))
         await embedded.journal.note_found([(found, "Found contact 7 by phone.")])
         await embedded.journal.to_send([(found, 7, "")])
@@ -369,4 +369,5 @@ async def test_a_database_that_takes_no_writes_is_reported(tmp_path: Path, datab
             conn.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
         await stores.pool.drain()  # new sessions take the setting, as after a failover
         reason = await stores.journal.check()
-        assert reason is not None and "read-only" in reason
+        assert reason is not None
+        assert "read-only" in reason
