@@ -13,7 +13,7 @@ import httpx
 from config import Settings
 from repositories.job_journal import JobJournal, NewJob
 from repositories.oauth_state_store import OAuthStateStore
-from repositories.token_store import TokenStore, TokenStoreError
+from repositories.token_store import TokenStore, TokenStoreError, amend
 from schemas import (
     REFRESH_TOKEN_LIFETIME,
     AppFrame,
@@ -453,7 +453,7 @@ class ProcessingService:
         """A portal installed before languages were stored learns its own the first time it is opened."""
         record = await self._tokens.get(frame.member_id)
         if record is not None and record.language is None and frame.LANG:
-            await self._tokens.save(record.model_copy(update={"language": frame.LANG}))
+            await amend(self._tokens, frame.member_id, {"language": frame.LANG})
 
     async def frame_origins(self) -> list[str]:
         """Origins that may frame the app's pages: the configured portal and the installed ones."""

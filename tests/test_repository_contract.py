@@ -371,3 +371,28 @@ async def test_a_database_that_takes_no_writes_is_reported(tmp_path: Path, datab
         reason = await stores.journal.check()
         assert reason is not None
         assert "read-only" in reason
+
+
+async def test_recording_the_robot_keeps_a_pair_another_instance_just_rotated(
+    tmp_path: Path, database_url: str | None
+) -> None:
+    # RobotRegistration (and the status page's language) write fields beside the tokens: with a
+    # copy read before another instance rotated the pair, the spent refresh token came back and
+    # the portal was disconnected at its next refresh.
+    from typing import cast
+
+    from services.retry import RetryPolicy
+    from services.robot_registration import RobotRegistration
+
+    settings = backend_settings(tmp_path, database_url)
+    async with open_backend(settings) as first, open_backend(settings) as second:
+        await first.tokens.save(record())
+        assert await second.tokens.get("m1") is not None  # the second instance has read it
+        async with first.tokens.refresh_lock("m1"):
+            await first.tokens.save_rotated(record(access="access-2", refresh="refresh-2"))
+        robots = RobotRegistration(settings, second.tokens, cast(Any, None), RetryPolicy())
+        await robots._record("m1", None)
+        stored = await first.tokens.get("m1", fresh=True)
+        assert stored is not None
+        assert stored.robot_registered_at is not None
+        assert stored.refresh_token == "refresh-2"
