@@ -392,11 +392,12 @@ class BitrixClient:
         it checks the token (wire doc 4.1): a stranger's install must not spend what robot work needs.
 
         Raises:
-            NoSpareCapacity: four fifths of the portal's bucket or more are in use; nothing was sent.
+            NoSpareCapacity: four fifths of the portal's bucket or more stayed in use for `time_limit`;
+                nothing was sent.
             BitrixError: the call failed.
         """
         url = client_endpoint.rstrip("/") + "/" + method
-        if not await self._limiter.try_spare(urlsplit(url).netloc):
+        if not await self._limiter.try_spare(urlsplit(url).netloc, wait=time_limit):
             raise NoSpareCapacity(f"{method}: the portal's rate limit has no room to spare")
         try:
             response = await self._http.post(url, json={"auth": access_token}, timeout=time_limit)

@@ -3,10 +3,11 @@
 An install is not authenticated until its tokens are proven, and proving them costs a request to
 the portal, which the portal counts against the app's rate limit whether the token is good or
 not. So a proof never waits for the rate limit (services/rate_limit.py) that paces robot work: it
-takes only room the bucket has to spare (BitrixClient.probe_with_token). Each portal also has one
-proof in flight at a time, and all portals together `MAX_PROOFS`. An install that cannot start its
-proof within `WAIT_SECONDS`, or finds no room to spare, is refused at once (429) rather than
-queued: a flood of forged installs costs little and delays nothing.
+takes only room the bucket has to spare (BitrixClient.probe_with_token), waiting a few seconds
+at most for it. Each portal also has one proof in flight at a time, and all portals together
+`MAX_PROOFS`. An install that cannot start its
+proof within `WAIT_SECONDS`, or finds no room to spare within the proof's time limit, is refused
+(429) rather than queued: a flood of forged installs costs little and delays nothing.
 """
 
 import asyncio
