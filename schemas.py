@@ -300,6 +300,7 @@ class StatusReport(BaseModel):
     handler_url: str = ""
     handler_warnings: list[HandlerWarning] = Field(default_factory=list)
     portal_url: str | None = None  # https://example.bitrix24.ru, for links to CRM documents
+    portals_installed: int = 0  # stored portals, also for a page seen outside the portal
     language: Literal["ru", "en"] = "en"
 
 

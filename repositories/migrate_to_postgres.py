@@ -28,8 +28,10 @@ from repositories.token_store import JsonTokenStore, TokenStoreError
 _JOB_COLUMNS = (
     "event_token, member_id, workflow_id, document_id, properties, error, client_endpoint,"
     " call_access_token, state, contact_id, attempts, add_attempted, deadline, next_attempt_at,"
-    " created_at, updated_at"
+    " created_at, updated_at, wants_answer, found_note"
 )
+# Columns later versions added to the embedded journal, with the value an older journal implies.
+_LATER_COLUMNS = {"wants_answer": "1", "found_note": "''"}
 
 
 async def copy_tokens(
@@ -55,7 +57,12 @@ def unfinished_jobs(job_db: Path) -> list[tuple[Any, ...]]:
         return []
     db = sqlite3.connect(f"file:{job_db}?mode=ro", uri=True)
     try:
-        sql = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state IN ('add', 'send') ORDER BY id"  # noqa: S608
+        present = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+        columns = ", ".join(
+            name if name in present or name not in _LATER_COLUMNS else f"{_LATER_COLUMNS[name]} AS {name}"
+            for name in _JOB_COLUMNS.replace(" ", "").split(",")
+        )
+        sql = f"SELECT {columns} FROM jobs WHERE state IN ('add', 'send') ORDER BY id"  # noqa: S608
         return db.execute(sql).fetchall()
     finally:
         db.close()
@@ -70,8 +77,9 @@ async def copy_jobs(pool: AsyncConnectionPool[Any], job_db: Path) -> tuple[int, 
             values = list(row)
             values[4] = Jsonb(json.loads(values[4]))
             values[11] = bool(values[11])
+            values[16] = bool(values[16])
             cursor = await conn.execute(
-                f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES ({', '.join(['%s'] * 16)})"  # noqa: S608
+                f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES ({', '.join(['%s'] * len(values))})"  # noqa: S608
                 " ON CONFLICT (event_token) DO NOTHING",
                 values,
             )

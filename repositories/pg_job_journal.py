@@ -16,9 +16,11 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from repositories.job_journal import Job, JobState, NewJob
+from repositories.job_journal import RETRYING_AFTER, Job, JobState, NewJob
 from repositories.postgres import with_retry
 from schemas import QueueStats, RobotRun
+
+_DAY = 86400.0
 
 
 class PostgresJobJournal:
@@ -136,26 +138,43 @@ class PostgresJobJournal:
         return float(due) if due is not None else None
 
     async def check(self) -> str | None:
-        # A round trip only (no schema change in this merge): a database that is down or
-        # unreachable says "down"; a full disk shows up as 503s on the calls themselves.
+        # A durable write, as in the embedded journal: a server that answers but takes no writes
+        # (read-only, a standby after a failover, a full disk) cannot accept robot calls.
         try:
-            await self._fetch("SELECT 1 AS ok", ())
+            async with self._pool.connection() as conn, conn.transaction():
+                await conn.execute(
+                    "INSERT INTO health_probe (id, at) VALUES (1, %s)"
+                    " ON CONFLICT (id) DO UPDATE SET at = EXCLUDED.at",
+                    (time.time(),),
+                )
         except Exception as exc:
             return f"The PostgreSQL job journal cannot be used: {exc}"
         return None
 
     async def stats(self) -> QueueStats:
+        # The same figures as the embedded journal's `_stats`: /health's "degraded" reasons
+        # (retrying, failed_last_day) and the status page's answered_with_error read them.
+        now = time.time()
         rows = await self._fetch("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state", ())
         counts = {row["state"]: int(row["n"]) for row in rows}
-        oldest = (
-            await self._fetch("SELECT MIN(created_at) AS oldest FROM jobs WHERE state IN ('add', 'send')", ())
-        )[0]
+        (row,) = await self._fetch(
+            "SELECT (SELECT MIN(created_at) FROM jobs WHERE state IN ('add', 'send')) AS oldest,"
+            " (SELECT COUNT(*) FROM jobs WHERE state IN ('add', 'send') AND attempts >= %s) AS retrying,"
+            " (SELECT COUNT(*) FROM jobs WHERE state = 'failed' AND updated_at > %s) AS failed_last_day,"
+            " (SELECT COUNT(*) FROM jobs WHERE state = 'done' AND (error != '' OR contact_id = 0))"
+            " AS with_error",
+            (RETRYING_AFTER, now - _DAY),
+        )
+        oldest = row["oldest"]
         return QueueStats(
             pending=counts.get("add", 0) + counts.get("send", 0),
-            oldest_pending_age_seconds=round(time.time() - oldest["oldest"], 3) if oldest["oldest"] else None,
+            oldest_pending_age_seconds=round(now - oldest, 3) if oldest else None,
             done=counts.get("done", 0),
             failed=counts.get("failed", 0),
             abandoned=counts.get("abandoned", 0),
+            retrying=int(row["retrying"]),
+            failed_last_day=int(row["failed_last_day"]),
+            answered_with_error=int(row["with_error"]),
         )
 
     async def recent(self, limit: int) -> list[RobotRun]:
@@ -169,6 +188,7 @@ class PostgresJobJournal:
                 contact_id=row["contact_id"],
                 error=row["error"],
                 created_at=row["created_at"],
+                document_id=row["document_id"],
             )
             for row in rows
         ]
@@ -204,14 +224,15 @@ async def _insert_many(conn: AsyncConnection[Any], jobs: list[NewJob]) -> tuple[
         [job.error for job in jobs],
         [job.client_endpoint for job in jobs],
         [job.call_access_token for job in jobs],
+        [job.wants_answer for job in jobs],
         [job.deadline for job in jobs],
     ]
     async with conn.transaction():
         cursor = await conn.execute(
             "INSERT INTO jobs (event_token, member_id, workflow_id, document_id, properties, error,"
-            " client_endpoint, call_access_token, deadline, state, next_attempt_at, created_at, updated_at)"
-            " SELECT t.*, 'add', %s, %s, %s FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[],"
-            " %s::jsonb[], %s::text[], %s::text[], %s::text[], %s::float8[]) AS t"
+            " client_endpoint, call_access_token, wants_answer, deadline, state, next_attempt_at, created_at,"
+            " updated_at) SELECT t.*, 'add', %s, %s, %s FROM unnest(%s::text[], %s::text[], %s::text[],"
+            " %s::text[], %s::jsonb[], %s::text[], %s::text[], %s::text[], %s::bool[], %s::float8[]) AS t"
             " ON CONFLICT (event_token) DO NOTHING RETURNING event_token, id",
             (now, now, now, *columns),
         )
@@ -237,6 +258,7 @@ def _job(row: dict[str, Any]) -> Job:
         error=row["error"],
         client_endpoint=row["client_endpoint"],
         call_access_token=row["call_access_token"],
+        wants_answer=row["wants_answer"],
         state=row["state"],
         contact_id=row["contact_id"],
         attempts=row["attempts"],

@@ -313,3 +313,18 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+async def amend(tokens: TokenStore, member_id: str, changes: dict[str, Any]) -> PortalTokens | None:
+    """Change a portal's fields beside its tokens (robot state, user, language); None if not stored.
+
+    Under the refresh lock and from a fresh read: a copy read earlier may hold a pair that another
+    task or instance has rotated since, and writing it back would restore a spent refresh token.
+    """
+    async with tokens.refresh_lock(member_id):
+        record = await tokens.get(member_id, fresh=True)
+        if record is None:
+            return None
+        updated = record.model_copy(update=changes)
+        await tokens.save(updated)
+        return updated

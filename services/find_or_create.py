@@ -5,6 +5,7 @@
 routes each job: answered with a found contact, created by the worker, or retried.
 """
 
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -27,6 +28,10 @@ from services.contact_matching import (
 from services.messages import Lang
 from services.retry import RetryPolicy
 
+# How long the portal may go on running a request whose reply was lost (services/worker.py
+# PORTAL_REQUEST_SECONDS, which imports this module): a fill is recomputed only after that.
+SETTLE_SECONDS = 60.0
+
 
 class Writes(Protocol):
     """The worker's journal writes for one pass (services/worker.py `_Writes`)."""
@@ -38,7 +43,7 @@ class Writes(Protocol):
 
     def found(self, job: Job, contact_id: int, note: str) -> Job: ...
 
-    def retry(self, job: Job, error: BitrixError, policy: RetryPolicy) -> None: ...
+    def retry(self, job: Job, error: BitrixError, policy: RetryPolicy, at_least: float = 0.0) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -110,12 +115,15 @@ async def _take_found(
     """Jobs answered with a contact the portal already had (`update` mode fills it first)."""
     found = [job for job in jobs if job.id in decisions and decisions[job.id].action == "found"]
     found = [job for job in found if not decisions[job.id].creator]
+    sent = time.time()
     failures = await _fill(steps.bitrix, member_id, [decisions[j.id] for j in found if decisions[j.id].fill])
     ready: list[Job] = []
     for job in found:
         decision, error = decisions[job.id], failures.get(job.id)
         if error is not None and error.retryable:
-            steps.writes.retry(job, error, steps.policy)
+            # A fill that may have run is recomputed against the contact once the portal is done.
+            settled = max(0.0, sent + SETTLE_SECONDS - time.time()) if error.may_have_run else 0.0
+            steps.writes.retry(job, error, steps.policy, at_least=settled)
             continue
         # A refused fill leaves the contact the answer; the log says what was not filled.
         note = decision.note(decision.contact_id, steps.writes.lang, str(error or ""))
@@ -149,7 +157,8 @@ async def _fill(
     if not commands:
         return {}
     try:
-        outcome = await bitrix.batch(member_id, commands)
+        # Not idempotent: a row without ID is added again each time the update runs.
+        outcome = await bitrix.batch(member_id, commands, idempotent=False)
     except BitrixError as exc:
         return {d.job_id: exc for d in decisions}
     return {d.job_id: outcome.errors.get(f"fill{d.job_id}") for d in decisions}

@@ -38,6 +38,26 @@ PAGE_TEXT: dict[str, dict[Lang, str]] = {
         "{listen_port}. Согласуйте APP_BASE_URL и PORT, перезапустите приложение и переустановите его.",
     },
     "connection": {"en": "Portal", "ru": "Портал"},
+    # What /health concludes (services/health.py); its reasons are shown as /health gives them.
+    "health_ok": {
+        "en": "Health: ok. The app accepts robot calls and finishes them.",
+        "ru": "Состояние: ok. Приложение принимает вызовы робота и выполняет их.",
+    },
+    "health_degraded": {
+        "en": "Health: degraded. The app accepts robot calls but cannot finish them now:",
+        "ru": "Состояние: degraded. Приложение принимает вызовы робота, но сейчас не может их выполнить:",
+    },
+    "health_down": {
+        "en": "Health: down. The app cannot accept robot calls:",
+        "ru": "Состояние: down. Приложение не может принимать вызовы робота:",
+    },
+    "installed_disconnected": {
+        "en": "A portal is installed, but none accepts the app's tokens: the portal's next robot call "
+        "reconnects it, or open /oauth/login.",
+        "ru": "Портал установлен, но не принимает токены приложения: следующий вызов робота с портала "
+        "подключит его снова, или откройте /oauth/login.",
+    },
+    "renamed_from": {"en": "Renamed from", "ru": "Прежний адрес"},
     "no_portal": {
         "en": "No portal connected yet: install the app in the portal.",
         "ru": "Портал ещё не подключён: установите приложение на портале.",

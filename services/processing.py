@@ -8,10 +8,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import urlencode, urlsplit
 
+import httpx
+
 from config import Settings
 from repositories.job_journal import JobJournal, NewJob
 from repositories.oauth_state_store import OAuthStateStore
-from repositories.token_store import TokenStore, TokenStoreError
+from repositories.token_store import TokenStore, TokenStoreError, amend
 from schemas import (
     REFRESH_TOKEN_LIFETIME,
     AppFrame,
@@ -170,11 +172,7 @@ class ProcessingService:
             async with asyncio.timeout_at(deadline):
                 return await self._prove(candidate)
         except TimeoutError:
-            raise UpstreamUnavailable(
-                f"The portal {candidate.domain} did not answer within "
-                f"{self._settings.install_timeout_seconds:g} s; nothing was stored. Install again "
-                "once the portal answers."
-            ) from None
+            raise _not_in_time(candidate.domain, self._settings.install_timeout_seconds) from None
 
     async def _prove(self, candidate: PortalTokens) -> PortalTokens:
         """The candidate as the portal and the authorization server vouch for it, or refused.
@@ -197,6 +195,8 @@ class ProcessingService:
                 f"Too many installs of {candidate.domain} are being verified; the portal may retry later."
             ) from exc
         except BitrixError as exc:
+            if isinstance(exc.__cause__, httpx.TimeoutException):  # the proof's own limit, not the install's
+                raise _not_in_time(candidate.domain, PROOF_TIMEOUT_SECONDS) from exc
             raise _proof_failed(candidate.domain, "did not confirm the tokens", exc) from exc
         code = info.get("CODE") if isinstance(info, dict) else None
         if code != self._settings.bitrix_client_id:
@@ -418,6 +418,7 @@ class ProcessingService:
         settings = self._settings
         report = StatusReport(
             health=health,
+            portals_installed=len((await self._portal_statuses())[0]),
             handler_url=settings.robot_handler_url,
             handler_warnings=handler_warnings(settings.app_base_url, listen_port),
             language=messages.choose(
@@ -452,7 +453,7 @@ class ProcessingService:
         """A portal installed before languages were stored learns its own the first time it is opened."""
         record = await self._tokens.get(frame.member_id)
         if record is not None and record.language is None and frame.LANG:
-            await self._tokens.save(record.model_copy(update={"language": frame.LANG}))
+            await amend(self._tokens, frame.member_id, {"language": frame.LANG})
 
     async def frame_origins(self) -> list[str]:
         """Origins that may frame the app's pages: the configured portal and the installed ones."""
@@ -489,6 +490,13 @@ class ProcessingService:
         missing = self._settings.missing()
         if missing:
             raise NotConfigured(f"Set {', '.join(missing)} (in .env or the environment) and restart the app.")
+
+
+def _not_in_time(domain: str, seconds: float) -> AppError:
+    return UpstreamUnavailable(
+        f"The portal {domain} did not answer within {seconds:g} s; nothing was stored. Install again "
+        "once the portal answers."
+    )
 
 
 def _proof_failed(domain: str, what: str, exc: BitrixError) -> AppError:

@@ -22,7 +22,7 @@ from dataclasses import replace
 from typing import Any, Literal
 
 from config import Settings
-from repositories.token_store import TokenStore, TokenStoreError
+from repositories.token_store import TokenStore, TokenStoreError, amend
 from services.bitrix_client import BitrixApiError, BitrixClient, BitrixError, PortalNotConnected
 from services.errors import AppError, AutomationUnavailable, HandlerUrlRefused, UpstreamUnavailable
 from services.observability import portal_var
@@ -174,8 +174,7 @@ class RobotRegistration:
         raw = str(profile.get("ID") or "") if isinstance(profile, dict) else ""
         if not raw.isdigit():
             return None
-        latest = await self._tokens.get(member_id) or record
-        await self._tokens.save(latest.model_copy(update={"user_id": int(raw)}))
+        await amend(self._tokens, member_id, {"user_id": int(raw)})
         return int(raw)
 
     async def _bind_events(self, member_id: str) -> None:
@@ -209,14 +208,9 @@ class RobotRegistration:
         return None
 
     async def _record(self, member_id: str, problem: str | None) -> None:
-        # Re-read: the calls above may have refreshed (and rotated) the tokens.
-        record = await self._tokens.get(member_id)
-        if record is None:
-            return
+        # Amended, not rewritten: the calls above (or another instance) may have rotated the tokens.
         registered = None if problem else time.time()
-        await self._tokens.save(
-            record.model_copy(update={"robot_registered_at": registered, "robot_problem": problem})
-        )
+        await amend(self._tokens, member_id, {"robot_registered_at": registered, "robot_problem": problem})
 
     # --- at start and every hour, in the process that leads the job worker ----------------------
 

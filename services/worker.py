@@ -40,7 +40,7 @@ _MAX_PASSES = 4  # batches in flight at once; the rate limiter still paces their
 JOB_RETRY = RetryPolicy(base_delay=1.0, max_delay=300.0)
 # How long the portal may go on running a request after the app stopped waiting for it (issue #8
 # measured up to 60 s). After such a loss, contacts are looked up only once it must be over.
-PORTAL_REQUEST_SECONDS = 60.0
+PORTAL_REQUEST_SECONDS = find_or_create.SETTLE_SECONDS
 
 
 def origin_id(event_token: str) -> str:

@@ -429,3 +429,63 @@ async def test_status_page_says_when_the_portal_is_disconnected(
 
     assert 'class="box bad disconnected"' in page.text
     assert "refused its refresh token (invalid_grant)" in page.text
+
+
+# --- what /health concludes, and a renamed portal, on the status page ------------------------------
+
+
+def _report(**values: Any) -> Any:
+    from schemas import Health, PortalStatus, QueueStats, StatusReport
+
+    health = Health(
+        status=values.pop("status", "ok"),
+        reasons=values.pop("reasons", []),
+        portal_connected=values.pop("portal_connected", True),
+        robot_registered=True,
+        missing_settings=[],
+        queue=QueueStats(),
+    )
+    portal = PortalStatus(
+        member_id="m1",
+        domain="old.bitrix24.ru",
+        token_valid_for_seconds=3000,
+        can_refresh=True,
+        robot_registered=True,
+        **values.pop("portal", {}),
+    )
+    return StatusReport(health=health, portals=[portal], verified=True, **values)
+
+
+@pytest.mark.parametrize("lang", ["en", "ru"])
+def test_status_page_shows_what_health_concludes(lang: Any) -> None:
+    from services.pages import status_page
+
+    reason = "2 job(s) failed for good in the last 24 hours (log: 'Job N failed')."
+    page = status_page(_report(status="degraded", reasons=[reason], language=lang))
+    assert 'id="health-status" data-status="degraded"' in page
+    assert "2 job(s) failed for good in the last 24 hours (log: &#39;Job N failed&#39;)." in page
+    ok = status_page(_report(language=lang))
+    assert 'data-status="ok"' in ok
+
+
+def test_status_page_shows_a_renamed_portal_and_what_to_change() -> None:
+    from services.pages import status_page
+
+    advice = (
+        "The portal old.bitrix24.ru has moved to new.bitrix24.ru: set BITRIX_PORTAL_URL="
+        "https://new.bitrix24.ru and restart the app."
+    )
+    followed = status_page(_report(portal={"renamed_from": "older.bitrix24.ru"}))
+    assert 'class="renamed-from"' in followed
+    assert "older.bitrix24.ru" in followed
+    refused = status_page(_report(portal={"moved_to": "https://new.bitrix24.ru/", "move_advice": advice}))
+    assert 'class="box bad move-advice"' in refused
+    assert advice in refused
+
+
+def test_status_page_does_not_ask_to_install_a_portal_that_is_installed_but_disconnected() -> None:
+    from services.pages import status_page
+
+    reason = "No usable tokens: open /oauth/login to authorize the app again."
+    page = status_page(_report(portal_connected=False, reasons=[reason]))
+    assert "No portal connected yet" not in page

@@ -343,3 +343,42 @@ async def test_a_russian_portal_reads_the_found_note_in_russian(tmp_path: Path) 
 
     assert returned(answer) == (existing, "Y", "")
     assert answer["log_message"] == f"Найден контакт {existing} по телефону +79991234567"
+
+
+async def test_a_fill_whose_reply_is_lost_adds_the_phone_once(
+    tmp_path: Path, portal: FakePortal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `update` adds a missing phone as a row without ID (crm-contact-update.md): run twice, the
+    # contact gets it twice. The portal may have run a request whose reply was lost (i8-journal's
+    # may_have_run), so the client must not send the fill again by itself; the job's retry
+    # recomputes the fill against the contact as it now is.
+    import asyncio
+    import sqlite3
+
+    other = [{"VALUE": "+74951112233", "VALUE_TYPE": "WORK"}]
+    existing = portal.add_contact(
+        {"NAME": "Ivan", "LAST_NAME": "Ivanov", "PHONE": other, "EMAIL": [{"VALUE": "ivan@example.com"}]}
+    )
+    monkeypatch.setattr("services.find_or_create.SETTLE_SECONDS", 2.0)  # the portal's 60 s, shortened
+    settings = make_settings(tmp_path, portal, http_timeout_seconds=1.0)
+    app = create_app()
+    app.dependency_overrides[get_settings] = lambda: settings
+
+    def attempts() -> int:
+        with sqlite3.connect(settings.job_db_file) as db:
+            return int(db.execute("SELECT COALESCE(MAX(attempts), 0) FROM jobs").fetchone()[0])
+
+    async with (
+        LifespanManager(app) as manager,
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url=APP_URL) as client,
+    ):
+        assert (await post_form(client, "/install", portal.install_event_body())).status_code == 200
+        portal.hold(replies=True, after=2)  # the search and the read are answered; the fill's reply is lost
+        token, body = portal.robot_call_body({**PERSON, "duplicates": "update"})
+        assert (await post_form(client, "/robot", body)).status_code == 200
+        await eventually(lambda: attempts() >= 1, timeout=60, what="the job retried after the lost reply")
+        portal.release()
+        answer = await asyncio.wait_for(answer_for(portal, token), 60)
+
+    assert returned(answer) == (existing, "Y", "")
+    assert portal.contacts[0]["PHONE"] == [*other, {"VALUE": "+79991234567", "VALUE_TYPE": "WORK"}]

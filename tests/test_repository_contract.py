@@ -303,3 +303,96 @@ async def test_a_rotated_pair_the_store_refuses_is_kept_and_stored_later(
             stored = await again.tokens.get("m1", fresh=True)
             assert stored is not None
             assert stored.refresh_token == "refresh-2"
+
+
+# --- what the other protocols' users read back (same answer on both back ends) ------------------
+
+
+async def test_a_call_that_wants_no_answer_is_journaled_as_such(stores: Backend) -> None:
+    # use_subscription=N (services/processing.py): the worker must not answer that workflow.
+    await stores.journal.add(NewJob(**{**new_job("quiet").__dict__, "wants_answer": False}))
+    await stores.journal.add(new_job("waits"))
+    claimed = {job.event_token: job.wants_answer for job in await stores.journal.claim(10, 60)}
+    assert claimed == {"quiet": False, "waits": True}
+
+
+async def test_stats_count_failing_jobs_and_answers_with_an_error(stores: Backend) -> None:
+    # /health's "degraded" and the status page read these figures on either back end.
+    ids = [(await stores.journal.add(new_job(f"t{i}")))[0] for i in range(3)]
+    for _ in range(3):
+        await stores.journal.retry_later([(ids[0], 0.0, "portal busy")])
+    await stores.journal.finish([(ids[1], "failed", "gave up"), (ids[2], "done", "bad e-mail")])
+    stats = await stores.journal.stats()
+    assert (stats.retrying, stats.failed_last_day, stats.answered_with_error) == (1, 1, 1)
+
+
+async def test_recent_runs_name_their_document(stores: Backend) -> None:
+    # The status page links each run to its CRM item by document_id.
+    await stores.journal.add(new_job("t1"))
+    assert [run.document_id for run in await stores.journal.recent(1)] == ["doc"]
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+async def test_moving_to_postgresql_keeps_what_each_job_must_answer(
+    tmp_path: Path, database_url: str
+) -> None:
+    # repositories.migrate_to_postgres: a job that wants no answer, and a found contact's note
+    # (duplicate=Y in the answer), must mean the same after the move.
+    from repositories.migrate_to_postgres import copy_jobs
+    from repositories.postgres import open_pool
+
+    async with open_backend(backend_settings(tmp_path, None)) as embedded:
+        _quiet, _ = await embedded.journal.add(NewJob(**{**new_job("quiet").__dict__, "wants_answer": False}))
+        found, _ = await embedded.journal.add(new_job("found"))
+        await embedded.journal.note_found([(found, "Found contact 7 by phone.")])
+        await embedded.journal.to_send([(found, 7, "")])
+    async with open_backend(backend_settings(tmp_path / "pg", database_url)) as moved:
+        pool = await open_pool(database_url, max_size=2)
+        try:
+            assert await copy_jobs(pool, tmp_path / "jobs.sqlite3") == (2, 0)
+        finally:
+            await pool.close()
+        jobs = {job.event_token: job for job in await moved.journal.claim(10, 60)}
+    assert jobs["quiet"].wants_answer is False
+    assert (jobs["found"].state, jobs["found"].found_note) == ("send", "Found contact 7 by phone.")
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+async def test_a_database_that_takes_no_writes_is_reported(tmp_path: Path, database_url: str) -> None:
+    # /health is "down" when the journal cannot take a write (interface.md): a server that
+    # answers but is read-only (a standby after a failover, a full disk) must say so.
+    async with open_backend(backend_settings(tmp_path, database_url)) as stores:
+        assert stores.pool is not None
+        assert await stores.journal.check() is None
+        name = database_url.rsplit("/", 1)[1]
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+        await stores.pool.drain()  # new sessions take the setting, as after a failover
+        reason = await stores.journal.check()
+        assert reason is not None
+        assert "read-only" in reason
+
+
+async def test_recording_the_robot_keeps_a_pair_another_instance_just_rotated(
+    tmp_path: Path, database_url: str | None
+) -> None:
+    # RobotRegistration (and the status page's language) write fields beside the tokens: with a
+    # copy read before another instance rotated the pair, the spent refresh token came back and
+    # the portal was disconnected at its next refresh.
+    from typing import cast
+
+    from services.retry import RetryPolicy
+    from services.robot_registration import RobotRegistration
+
+    settings = backend_settings(tmp_path, database_url)
+    async with open_backend(settings) as first, open_backend(settings) as second:
+        await first.tokens.save(record())
+        assert await second.tokens.get("m1") is not None  # the second instance has read it
+        async with first.tokens.refresh_lock("m1"):
+            await first.tokens.save_rotated(record(access="access-2", refresh="refresh-2"))
+        robots = RobotRegistration(settings, second.tokens, cast(Any, None), RetryPolicy())
+        await robots._record("m1", None)
+        stored = await first.tokens.get("m1", fresh=True)
+        assert stored is not None
+        assert stored.robot_registered_at is not None
+        assert stored.refresh_token == "refresh-2"

@@ -213,6 +213,22 @@ async def test_install_when_the_portal_hangs_before_the_proof_is_502_in_time(
     assert not settings.token_file.exists()
 
 
+async def test_install_when_app_info_hangs_says_what_the_readme_quotes(
+    tmp_path: Path, portal: FakePortal
+) -> None:
+    # The default INSTALL_TIMEOUT_SECONDS (15 s) is longer than the proof's own limit (i10-hostile's
+    # PROOF_TIMEOUT_SECONDS, 5 s): that limit decides, and the install says so as the README does.
+    settings = make_settings(tmp_path, portal)
+    portal.hold_method("app.info")
+    async with running_app(settings) as client:
+        response = await asyncio.wait_for(post_form(client, "/install", portal.install_event_body()), 30)
+        portal.release()
+
+    assert response.status_code == 502
+    assert "did not answer within 5 s; nothing was stored" in response.json()["detail"]
+    assert not settings.token_file.exists()
+
+
 # --- 9: who the robot runs as -----------------------------------------------------------------------
 
 
