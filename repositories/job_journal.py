@@ -284,19 +284,7 @@ class SqliteJobJournal:
         rows = await self._db.run(
             lambda conn: conn.execute("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
         )
-        return [
-            RobotRun(
-                job_id=row["id"],
-                member_id=row["member_id"],
-                workflow_id=row["workflow_id"],
-                state=row["state"],
-                contact_id=row["contact_id"],
-                error=row["error"],
-                created_at=row["created_at"],
-                document_id=row["document_id"],
-            )
-            for row in rows
-        ]
+        return [robot_run(row) for row in rows]
 
     async def close(self) -> None:
         """Let the inserts on their way finish; the shared database is closed by its owner."""
@@ -389,14 +377,35 @@ def _add_missing_columns(conn: sqlite3.Connection) -> None:
         _add_column(conn, "found_note TEXT NOT NULL DEFAULT ''")
 
 
-def _job(row: sqlite3.Row) -> Job:
+class Row(Protocol):
+    """A result row by column name: `sqlite3.Row` here, psycopg's dict rows in pg_job_journal."""
+
+    def __getitem__(self, key: str, /) -> Any: ...
+
+
+def robot_run(row: Row) -> RobotRun:
+    """One `jobs` row as the status page lists it; both back ends share the mapping."""
+    return RobotRun(
+        job_id=row["id"],
+        member_id=row["member_id"],
+        workflow_id=row["workflow_id"],
+        state=row["state"],
+        contact_id=row["contact_id"],
+        error=row["error"],
+        created_at=row["created_at"],
+        document_id=row["document_id"],
+    )
+
+
+def job_from_row(row: Row, properties: dict[str, Any]) -> Job:
+    """One `jobs` row as the worker needs it; `properties` decoded by the back end (text or jsonb)."""
     return Job(
         id=row["id"],
         event_token=row["event_token"],
         member_id=row["member_id"],
         workflow_id=row["workflow_id"],
         document_id=row["document_id"],
-        properties=json.loads(row["properties"]),
+        properties=properties,
         error=row["error"],
         client_endpoint=row["client_endpoint"],
         call_access_token=row["call_access_token"],
@@ -407,5 +416,9 @@ def _job(row: sqlite3.Row) -> Job:
         add_attempted=bool(row["add_attempted"]),
         deadline=row["deadline"],
         created_at=row["created_at"],
-        found_note=row["found_note"],
+        found_note=row["found_note"] or "",
     )
+
+
+def _job(row: sqlite3.Row) -> Job:
+    return job_from_row(row, json.loads(row["properties"]))

@@ -16,7 +16,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from repositories.job_journal import RETRYING_AFTER, Job, JobState, NewJob
+from repositories.job_journal import RETRYING_AFTER, Job, JobState, NewJob, job_from_row, robot_run
 from repositories.postgres import with_retry
 from schemas import QueueStats, RobotRun
 
@@ -179,19 +179,7 @@ class PostgresJobJournal:
 
     async def recent(self, limit: int) -> list[RobotRun]:
         rows = await self._fetch("SELECT * FROM jobs ORDER BY id DESC LIMIT %s", (limit,))
-        return [
-            RobotRun(
-                job_id=row["id"],
-                member_id=row["member_id"],
-                workflow_id=row["workflow_id"],
-                state=row["state"],
-                contact_id=row["contact_id"],
-                error=row["error"],
-                created_at=row["created_at"],
-                document_id=row["document_id"],
-            )
-            for row in rows
-        ]
+        return [robot_run(row) for row in rows]
 
     async def close(self) -> None:
         """The pool belongs to the back end, which closes it."""
@@ -248,22 +236,4 @@ async def _insert_many(conn: AsyncConnection[Any], jobs: list[NewJob]) -> tuple[
 
 
 def _job(row: dict[str, Any]) -> Job:
-    return Job(
-        id=row["id"],
-        event_token=row["event_token"],
-        member_id=row["member_id"],
-        workflow_id=row["workflow_id"],
-        document_id=row["document_id"],
-        properties=row["properties"],
-        error=row["error"],
-        client_endpoint=row["client_endpoint"],
-        call_access_token=row["call_access_token"],
-        wants_answer=row["wants_answer"],
-        state=row["state"],
-        contact_id=row["contact_id"],
-        attempts=row["attempts"],
-        add_attempted=row["add_attempted"],
-        deadline=row["deadline"],
-        created_at=row["created_at"],
-        found_note=row.get("found_note") or "",
-    )
+    return job_from_row(row, row["properties"])
