@@ -247,6 +247,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     ]
     try:
         await asyncio.gather(*(c.open() for c in connections))
+        cpu_all_started = time.process_time()
         warm_outcome = Outcome()
         if args.warmup:
             warm_outcome, _, _ = await blast(connections, source, Limit(args.warmup, None, args.time_limit))
@@ -254,6 +255,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         limit = Limit(args.count, args.duration, args.time_limit)
         outcome, elapsed, issued = await blast(connections, source, limit)
         cpu = time.process_time() - cpu_started
+        cpu_all = time.process_time() - cpu_all_started
     finally:
         await asyncio.gather(*(c.close() for c in connections))
     ok = sum(count for status, count in outcome.statuses.items() if 200 <= status < 300)
@@ -280,6 +282,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         # Share of one core the client itself used: near 1.0 means the client, not the server, was
         # the limit, and the rate is a floor.
         "client_cpu": cpu / elapsed if elapsed > 0 else 0.0,
+        # CPU seconds of the client for the warm-up and the timed requests together, to set
+        # beside the servers' CPU per call (they are read from /proc over the same calls).
+        "cpu_seconds": cpu_all,
     }
 
 
