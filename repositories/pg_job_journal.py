@@ -205,11 +205,12 @@ class PostgresJobJournal:
 # the commit, so a call is still acknowledged only once its row is committed. BEGIN and COMMIT
 # around it cost two more round trips, each about as much of the app's CPU as the INSERT itself.
 # The join sees the statement's snapshot: the rows that were there before (the duplicates), never
-# the ones this INSERT adds.
+# the ones this INSERT adds. The arrays go in binary (%b): psycopg's text dumping of ten arrays
+# (quoting every element, JSON included) cost the app more CPU than the rest of the statement.
 _INSERT = (
-    "WITH t AS (SELECT * FROM unnest(%(tokens)s::text[], %(members)s::text[], %(workflows)s::text[],"
-    " %(documents)s::text[], %(properties)s::jsonb[], %(errors)s::text[], %(endpoints)s::text[],"
-    " %(call_tokens)s::text[], %(answers)s::bool[], %(deadlines)s::float8[]) AS u(event_token)),"
+    "WITH t AS (SELECT * FROM unnest(%(tokens)b::text[], %(members)b::text[], %(workflows)b::text[],"
+    " %(documents)b::text[], %(properties)b::jsonb[], %(errors)b::text[], %(endpoints)b::text[],"
+    " %(call_tokens)b::text[], %(answers)b::bool[], %(deadlines)b::float8[]) AS u(event_token)),"
     " added AS (INSERT INTO jobs (event_token, member_id, workflow_id, document_id, properties, error,"
     " client_endpoint, call_access_token, wants_answer, deadline, state, next_attempt_at, created_at,"
     " updated_at) SELECT t.*, 'add', %(now)s, %(now)s, %(now)s FROM t"
@@ -234,9 +235,7 @@ async def _insert_many(conn: AsyncConnection[Any], jobs: list[NewJob]) -> tuple[
         "deadlines": [job.deadline for job in jobs],
         "now": time.time(),
     }
-    # Not prepared: with ten array parameters, psycopg's prepared path and the server's generic
-    # plan cost more CPU on both sides than parsing and planning each time (bench/README figures).
-    cursor = await conn.execute(_INSERT, params, prepare=False)
+    cursor = await conn.execute(_INSERT, params)
     ids: dict[str, int] = {}
     inserted: set[str] = set()
     for token, job_id, created in await cursor.fetchall():
