@@ -66,6 +66,21 @@ async def test_calls_that_arrive_together_share_one_commit(pool: AsyncConnection
     assert list(again) == [(results[7][0], False), (results[7][0], False)]
 
 
+async def test_a_call_one_turn_of_the_event_loop_later_joins_the_group(
+    pool: AsyncConnectionPool[Any], url: str
+) -> None:
+    journal = PostgresJobJournal(pool)
+
+    async def one_turn_later(index: int) -> tuple[int, bool]:
+        await asyncio.sleep(0)  # its bytes came in one poll of the sockets after the first call's
+        return await journal.add(new_job(index))
+
+    results = await asyncio.gather(journal.add(new_job(0)), one_turn_later(1))
+
+    assert [created for _, created in results] == [True, True]
+    assert transactions_and_rows(url) == (1, 2)
+
+
 async def test_a_group_mixing_new_calls_and_calls_another_instance_stored(
     pool: AsyncConnectionPool[Any], url: str
 ) -> None:
