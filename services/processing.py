@@ -6,6 +6,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 import httpx
@@ -232,8 +233,12 @@ class ProcessingService:
         # its access token is valid: any user who opens the app holds such a token, and must not
         # be able to choose the secret that authenticates robot calls.
         stored = await self._tokens.get(event.auth.member_id)
-        record = _with_event_tokens(verify_callback(self._settings, stored, event.auth), event)
-        await self._tokens.save(record)
+        record = verify_callback(self._settings, stored, event.auth)
+        # Amended, not rewritten: `stored` may hold a pair rotated since (the read cache, another
+        # instance), and saving it back would restore a spent refresh token.
+        changes = _event_changes(record, event)
+        if changes:
+            record = await amend(self._tokens, record.member_id, changes) or record
         version = event.data.get("VERSION", "?")
         logger.info(
             "App updated on portal %s (version %s): registering the robot again", record.domain, version
@@ -532,25 +537,27 @@ def _portal_status(record: PortalTokens, unsaved: str | None) -> PortalStatus:
     )
 
 
-def _with_event_tokens(record: PortalTokens, event: UpdateEvent) -> PortalTokens:
-    """The record with the tokens an event carried (an event may carry none)."""
+def _event_changes(record: PortalTokens, event: UpdateEvent) -> dict[str, Any]:
+    """The fields an event's tokens change (an event may carry none); nothing it lacks is written."""
     auth = event.auth
     register_secret(auth.access_token, auth.refresh_token)
     if not auth.access_token:
-        return record
-    return record.model_copy(
-        update={
-            "access_token": auth.access_token,
-            "refresh_token": auth.refresh_token or record.refresh_token,
-            "expires_at": expiry(auth.expires, auth.expires_in),
-            "server_endpoint": auth.server_endpoint or record.server_endpoint,
-            "updated_at": time.time(),
-            # A fresh refresh token makes a dead pair work again.
-            "refresh_issued_at": time.time() if auth.refresh_token else record.refresh_issued_at,
-            "disconnected_reason": None if auth.refresh_token else record.disconnected_reason,
-            "language": _language_id(event.data.get("LANGUAGE_ID")) or record.language,
-        }
-    )
+        return {}
+    now = time.time()
+    changes: dict[str, Any] = {
+        "access_token": auth.access_token,
+        "expires_at": expiry(auth.expires, auth.expires_in),
+        "updated_at": now,
+    }
+    if auth.refresh_token:
+        # A fresh refresh token makes a dead pair work again.
+        changes.update(refresh_token=auth.refresh_token, refresh_issued_at=now, disconnected_reason=None)
+    if auth.server_endpoint:
+        changes["server_endpoint"] = auth.server_endpoint
+    language = _language_id(event.data.get("LANGUAGE_ID"))
+    if language:
+        changes["language"] = language
+    return changes
 
 
 def _language_id(value: object) -> str | None:
