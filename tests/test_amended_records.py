@@ -11,12 +11,15 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, cast
 
+import httpx
 import pytest
 
 from repositories.token_store import TokenStore
 from schemas import PortalTokens, UpdateEvent
 from services.backend import Backend, open_backend
+from services.bitrix_client import BitrixClient
 from services.processing import ProcessingService
+from services.rate_limit import PortalRateLimiter
 from tests.test_repository_contract import backend_settings, record
 
 pytestmark = pytest.mark.anyio
@@ -93,3 +96,29 @@ async def test_an_update_event_keeps_a_pair_rotated_after_it_was_read(
         assert stored is not None
         assert stored.refresh_token == "refresh-2"
         assert stored.access_token == access
+
+
+async def test_following_a_renamed_portal_keeps_a_pair_rotated_meanwhile(
+    tmp_path: Path, database_url: str | None
+) -> None:
+    # The portal answers from its old address with a redirect; the new address is stored beside
+    # the tokens, which another instance rotated while the request was on its way.
+    settings = backend_settings(tmp_path, database_url)
+    async with open_backend(settings) as first, open_backend(settings) as second:
+        await first.tokens.save(record())
+        rotate = rotation_by(first)
+
+        async def portal(request: httpx.Request) -> httpx.Response:
+            if request.url.host == "example.bitrix24.ru":
+                await rotate()
+                return httpx.Response(302, headers={"location": "https://renamed.bitrix24.ru/rest/profile"})
+            return httpx.Response(200, json={"result": {"ID": "1"}})
+
+        async with httpx.AsyncClient(transport=httpx.MockTransport(portal)) as http:
+            client = BitrixClient(http, second.tokens, settings, PortalRateLimiter(50, 2.0))
+            await client.call("m1", "profile")
+
+        stored = await first.tokens.get("m1", fresh=True)
+        assert stored is not None
+        assert stored.domain == "renamed.bitrix24.ru"
+        assert stored.refresh_token == "refresh-2"
