@@ -6,6 +6,7 @@ the same job even for the moment when leadership changes hands.
 """
 
 import asyncio
+import logging
 import time
 from collections.abc import Sequence
 from functools import partial
@@ -17,9 +18,10 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from repositories.job_journal import RETRYING_AFTER, Job, JobState, NewJob, job_from_row, robot_run
-from repositories.postgres import with_retry
+from repositories.postgres import failure, with_retry
 from schemas import QueueStats, RobotRun
 
+logger = logging.getLogger(__name__)
 _DAY = 86400.0
 
 
@@ -153,7 +155,9 @@ class PostgresJobJournal:
                     (time.time(),),
                 )
         except Exception as exc:
-            return f"The PostgreSQL job journal cannot be used: {exc}"
+            # /health answers anyone: the driver's text (hosts, roles, files) only in the log.
+            logger.warning("The PostgreSQL job journal failed its health write: %s", exc)
+            return f"The PostgreSQL job journal cannot be used: {failure(exc)}."
         return None
 
     async def stats(self) -> QueueStats:

@@ -21,7 +21,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 from pydantic import ValidationError
 
-from repositories.postgres import with_retry
+from repositories.postgres import failure, with_retry
 from repositories.token_cipher import TokenCipher, TokenKeyError
 from repositories.token_store import TokenKeyMismatch, TokenStoreError
 from schemas import PortalTokens
@@ -141,7 +141,7 @@ class PostgresTokenStore:
                         (record.member_id, sealed, time.time(), record.updated_at),
                     )
             except Error as exc:
-                error = TokenStoreError(f"The token store (PostgreSQL) failed to save: {exc}")
+                error = _store_error("save", exc)
                 self._kept[record.member_id] = (record, error)
                 raise error from exc
             self._kept.pop(record.member_id, None)
@@ -168,7 +168,7 @@ class PostgresTokenStore:
                 async with self._pool.connection() as conn:
                     await conn.execute(sql, (record.member_id, sealed, time.time()))
         except Error as exc:
-            raise TokenStoreError(f"The token store (PostgreSQL) failed to save: {exc}") from exc
+            raise _store_error("save", exc) from exc
         finally:
             self._forget(record.member_id)  # a read that raced the write must not stay
         kept = self._kept.get(record.member_id)
@@ -182,7 +182,7 @@ class PostgresTokenStore:
             async with self._pool.connection() as conn:
                 await conn.execute("DELETE FROM portal_tokens WHERE member_id = %s", (member_id,))
         except Error as exc:
-            raise TokenStoreError(f"The token store (PostgreSQL) failed to delete: {exc}") from exc
+            raise _store_error("delete", exc) from exc
 
     def _forget(self, member_id: str) -> None:
         """After a write: no cached copy, and no read begun before it is shared with later calls."""
@@ -228,7 +228,7 @@ class PostgresTokenStore:
                 return rows
             return await with_retry(self._pool, lambda conn: _fetchall(conn, sql, params))
         except Error as exc:
-            raise TokenStoreError(f"The token store (PostgreSQL) failed to read: {exc}") from exc
+            raise _store_error("read", exc) from exc
 
     def _record(self, stored: Any) -> PortalTokens:
         try:
@@ -238,6 +238,12 @@ class PostgresTokenStore:
             raise TokenKeyMismatch(f"{exc}; the app will not overwrite the stored tokens.") from exc
         except (ValueError, ValidationError) as exc:
             raise TokenStoreError(f"A stored token record is unreadable ({type(exc).__name__})") from exc
+
+
+def _store_error(action: str, exc: Error) -> TokenStoreError:
+    """The error /health, the status page and 503 replies show; the driver's text only in the log."""
+    logger.warning("The token store (PostgreSQL) failed to %s: %s", action, exc)
+    return TokenStoreError(f"The token store (PostgreSQL) failed to {action}: {failure(exc)}.")
 
 
 async def _fetchall(conn: AsyncConnection[Any], sql: str, params: tuple[Any, ...]) -> Rows:
