@@ -8,9 +8,10 @@ portal and persists the rotated pair before anything is replayed.
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from contextlib import suppress
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit
 
 import httpx
@@ -92,6 +93,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -355,30 +357,38 @@ class BitrixClient:
                 return record
             # A rotated pair not yet on disk is never rotated again: a crash would lose both.
             await self._tokens.flush(member_id)
-            logger.info("Refreshing the access token of portal %s", record.domain)
-            try:
-                reply = await self._token_request(
-                    {"grant_type": "refresh_token", "refresh_token": record.refresh_token},
-                    token_endpoint(self._settings, record.server_endpoint),
-                )
-            except OAuthError as exc:
-                metrics.TOKEN_REFRESHES.labels(outcome="refused").inc()
-                logger.error(
-                    "Refreshing the token of portal %s failed: %s. %s", record.domain, exc, exc.admin_hint
-                )
-                if isinstance(exc, OAuthInvalidGrant):
-                    await self._disconnect(member_id, record.access_token, _DEAD_REFRESH)
-                raise
-            except BitrixError:
-                metrics.TOKEN_REFRESHES.labels(outcome="error").inc()
-                raise
-            metrics.TOKEN_REFRESHES.labels(outcome="ok").inc()
-            updated = self._moved_by_refresh(record, reply).with_tokens(reply)
-            # Persist before replaying: the old refresh token is already dead on the server. If the
-            # disk refuses, the store keeps the pair in memory and saves it later; it is not lost.
-            await self._tokens.save_rotated(updated)
-            logger.info("Access token of portal %s refreshed", updated.domain)
-            return updated
+            # The server rotates the pair as soon as it reads the request, so from here the reply must
+            # be stored even if this task is cancelled (the lifespan cancels the token upkeep at
+            # shutdown; a deadline cancels an install's registration). Dropped, it leaves a spent
+            # refresh token on disk that the next refresh, in any process, sends: invalid_grant.
+            return await _finish_despite_cancel(self._rotate(member_id, record))
+
+    async def _rotate(self, member_id: str, record: PortalTokens) -> PortalTokens:
+        """Exchange the stored refresh token and save the new pair; call it inside `refresh_lock`."""
+        logger.info("Refreshing the access token of portal %s", record.domain)
+        try:
+            reply = await self._token_request(
+                {"grant_type": "refresh_token", "refresh_token": record.refresh_token or ""},
+                token_endpoint(self._settings, record.server_endpoint),
+            )
+        except OAuthError as exc:
+            metrics.TOKEN_REFRESHES.labels(outcome="refused").inc()
+            logger.error(
+                "Refreshing the token of portal %s failed: %s. %s", record.domain, exc, exc.admin_hint
+            )
+            if isinstance(exc, OAuthInvalidGrant):
+                await self._disconnect(member_id, record.access_token, _DEAD_REFRESH)
+            raise
+        except BitrixError:
+            metrics.TOKEN_REFRESHES.labels(outcome="error").inc()
+            raise
+        metrics.TOKEN_REFRESHES.labels(outcome="ok").inc()
+        updated = self._moved_by_refresh(record, reply).with_tokens(reply)
+        # Persist before replaying: the old refresh token is already dead on the server. If the
+        # disk refuses, the store keeps the pair in memory and saves it later; it is not lost.
+        await self._tokens.save_rotated(updated)
+        logger.info("Access token of portal %s refreshed", updated.domain)
+        return updated
 
     async def _disconnect(self, member_id: str, refused_token: str | None, reason: str) -> None:
         """Record (under the refresh lock) that the stored pair no longer works, unless replaced meanwhile."""
@@ -517,6 +527,20 @@ class BitrixClient:
         # Amended, not rewritten: the record read before the request may hold a pair another task
         # or instance has rotated since, and saving it back would restore a spent refresh token.
         await amend(self._tokens, member_id, update)
+
+
+async def _finish_despite_cancel(work: Coroutine[Any, Any, _T]) -> _T:
+    """Run `work` to its end even if the caller is cancelled meanwhile, then pass the cancel on."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        while not task.done():  # the caller's cancel, maybe repeated: the work still finishes
+            with suppress(asyncio.CancelledError):
+                await asyncio.wait({task})
+        if not task.cancelled():
+            task.exception()  # its failure is logged where it happens; the cancel is the outcome
+        raise
 
 
 def _limited(method: str, until: float) -> BitrixMethodLimited:
