@@ -1,6 +1,7 @@
 """App factory: lifespan (shared client, stores, job worker), logging, error mapping."""
 
 import asyncio
+import gc
 import logging
 import os
 import random
@@ -90,6 +91,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
         )
         task = asyncio.create_task(worker.run(), name="job-worker")
         upkeep = asyncio.create_task(TokenUpkeep(tokens, bitrix, settings).run(), name="token-upkeep")
+        _freeze_startup_objects()
         try:
             yield AppState(service=service, body_limits=BodyLimits(settings.body_timeout_seconds))
         finally:
@@ -99,6 +101,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
                     await background
             await robots.close()
         logger.info("Shut down")
+
+
+def _freeze_startup_objects() -> None:
+    """Keep what the start-up built out of every later garbage collection.
+
+    The modules, models and routes built at start live as long as the process, yet each full
+    collection walked all of them again: a tenth of a robot call's CPU under load (perf, cpu-clock
+    samples in gc_collect_main). `gc.freeze()` moves them to the permanent generation (Python docs).
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def _report_settings(settings: Settings) -> None:
