@@ -290,10 +290,28 @@ class HandlerWarning(BaseModel):
     listen_port: int | None = None
 
 
+class HealthReason(BaseModel):
+    """One of /health's reasons, for the status page: a message key (`health_<key>` in
+    services/messages.py) and its values, so the page words it in its own language."""
+
+    key: Literal[
+        "journal_down",
+        "token_store_down",
+        "tokens_unsaved",
+        "missing_settings",
+        "no_portal",
+        "no_usable_tokens",
+        "failed_last_day",
+        "retrying",
+    ]
+    values: dict[str, str | int] = Field(default_factory=dict)
+
+
 class StatusReport(BaseModel):
     """The status page: portal details and recent runs only for a verified portal user."""
 
     health: Health
+    health_reasons: list[HealthReason] = Field(default_factory=list)  # health.reasons, to be worded
     portals: list[PortalStatus] = Field(default_factory=list)
     runs: list[RobotRun] = Field(default_factory=list)
     verified: bool = False

@@ -285,6 +285,7 @@ class Bench:
         self.plan, self.processes, self.portal, self.workdir = plan, processes, portal, workdir
         # --database postgresql: a fresh database's URL per app (bench/postgres.py); None: embedded
         self.database: Callable[[], str] | None = None
+        self.database_cpu: Callable[[], float] | None = None  # the database server's CPU seconds
         self.database_urls: dict[str, str] = {}  # app name → its database
         self._offset = 10_000  # every generated call gets its own index
 

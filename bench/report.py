@@ -246,8 +246,11 @@ NOTES = (
     "without an attack before and after. RSS of the app before, at the end of, and 2 s after each "
     "attack.",
     "modes: as burst, once per `duplicates` mode, without the naive client; floor = max(arrival, bucket "
-    "time for k·⌈N/50⌉ requests), k = 2 for create (add, answer) and 3 for reuse/update (search, "
-    "add or read, answer). 'found' runs call again for the people of the create run.",
+    "time for the fewest requests the design needs: per pass of 100 calls a search (not in create) "
+    "and a read (when anyone is found), adds and answers 50 a batch; 40 to 50 requests, within the "
+    "bucket's 50, so the arrival is the floor). 'found' runs call again for the people of the "
+    "create run. CPU s: the app's and the fake portal's CPU time during the run (/proc); both share "
+    "the CPUs.",
 )
 
 

@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -50,7 +51,7 @@ from bench.attacks import scenario_attack  # noqa: E402
 from bench.burst import scenario_burst  # noqa: E402
 from bench.growth import scenario_growth  # noqa: E402
 from bench.harness import FULL, QUICK, RESULTS, Bench, BenchError, Plan, Portal, Processes  # noqa: E402
-from bench.postgres import scenario_two  # noqa: E402
+from bench.postgres import scenario_two, server_cpu_seconds  # noqa: E402
 from bench.profiling import scenario_profile  # noqa: E402
 from bench.report import _print_summary, write_results  # noqa: E402
 from tests.pg_server import TestPostgres  # noqa: E402
@@ -102,6 +103,7 @@ def _run(plan: Plan, names: Sequence[str], workdir: Path, database: str = "embed
         if database == "postgresql":
             server = TestPostgres()
             bench.database = server.new_database
+            bench.database_cpu = partial(server_cpu_seconds, server.pgdata)
         for name in names:
             print(f"== {name}", flush=True)
             started = time.monotonic()

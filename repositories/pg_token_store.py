@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
+from functools import partial
 from typing import Any
 
 from psycopg import AsyncConnection, Error
@@ -20,7 +21,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 from pydantic import ValidationError
 
-from repositories.postgres import with_retry
+from repositories.postgres import failure, with_retry
 from repositories.token_cipher import TokenCipher, TokenKeyError
 from repositories.token_store import TokenKeyMismatch, TokenStoreError
 from schemas import PortalTokens
@@ -41,6 +42,9 @@ class PostgresTokenStore:
         self._cipher = cipher or TokenCipher(None)
         self._local: dict[str, asyncio.Lock] = {}
         self._cache: dict[str, tuple[float, PortalTokens | None]] = {}
+        # The read under way per portal: calls that find the cached copy expired share it.
+        self._reading: dict[str, asyncio.Future[PortalTokens | None]] = {}
+        self._writes = 0  # counts writes: a read that a write overtook is not cached
         self._kept: dict[str, tuple[PortalTokens, TokenStoreError]] = {}  # rotated, not yet stored
 
     async def get(self, member_id: str, *, fresh: bool = False) -> PortalTokens | None:
@@ -59,18 +63,38 @@ class PostgresTokenStore:
 
         Every robot call reads its portal's record to authenticate it; a database round trip costs
         more than the rest of the acknowledgement. A second's staleness only matters for a
-        reinstall or uninstall made through another instance; a refresh always reads fresh.
+        reinstall or uninstall made through another instance; a refresh always reads fresh. When
+        the copy expires under load, the calls that arrive meanwhile wait for one read, not one
+        each (about 30 reads a second per portal and instance at 32 concurrent calls).
         """
-        now = time.monotonic()
         cached = self._cache.get(member_id)
-        if not fresh and cached is not None and now - cached[0] < CACHE_SECONDS:
+        if not fresh and cached is not None and time.monotonic() - cached[0] < CACHE_SECONDS:
             return cached[1]
+        locked = _locked.get()
+        if fresh or (locked is not None and locked[0] == member_id):
+            return await self._read(member_id)
+        reading = self._reading.get(member_id)
+        if reading is None:
+            reading = asyncio.ensure_future(self._read(member_id))
+            self._reading[member_id] = reading
+            reading.add_done_callback(partial(self._read_done, member_id))
+        return await asyncio.shield(reading)
+
+    def _read_done(self, member_id: str, reading: "asyncio.Future[PortalTokens | None]") -> None:
+        if self._reading.get(member_id) is reading:
+            del self._reading[member_id]
+        if not reading.cancelled():
+            reading.exception()  # retrieved: each waiter got it already
+
+    async def _read(self, member_id: str) -> PortalTokens | None:
+        now, writes = time.monotonic(), self._writes
         sql = "SELECT record FROM portal_tokens WHERE member_id = %s"
         rows = await self._fetch(sql, (member_id,), member_id)
         record = self._record(rows[0][0]) if rows else None
         if len(self._cache) > 10_000:  # unknown member ids are cached too: keep the dict bounded
             self._cache.clear()
-        self._cache[member_id] = (now, record)
+        if writes == self._writes:
+            self._cache[member_id] = (now, record)
         return record
 
     async def list(self) -> list[PortalTokens]:
@@ -117,11 +141,11 @@ class PostgresTokenStore:
                         (record.member_id, sealed, time.time(), record.updated_at),
                     )
             except Error as exc:
-                error = TokenStoreError(f"The token store (PostgreSQL) failed to save: {exc}")
+                error = _store_error("save", exc)
                 self._kept[record.member_id] = (record, error)
                 raise error from exc
             self._kept.pop(record.member_id, None)
-            self._cache.pop(record.member_id, None)
+            self._forget(record.member_id)
             logger.info("The kept tokens of portal %s are stored in the database", record.domain)
 
     def unsaved(self) -> dict[str, str]:
@@ -135,7 +159,7 @@ class PostgresTokenStore:
             " SET record = EXCLUDED.record, updated_at = EXCLUDED.updated_at"
         )
         locked = _locked.get()
-        self._cache.pop(record.member_id, None)
+        self._forget(record.member_id)
         try:
             if locked is not None and locked[0] == record.member_id:
                 await locked[1].execute(sql, (record.member_id, sealed, time.time()))
@@ -144,21 +168,27 @@ class PostgresTokenStore:
                 async with self._pool.connection() as conn:
                     await conn.execute(sql, (record.member_id, sealed, time.time()))
         except Error as exc:
-            raise TokenStoreError(f"The token store (PostgreSQL) failed to save: {exc}") from exc
+            raise _store_error("save", exc) from exc
         finally:
-            self._cache.pop(record.member_id, None)  # a read that raced the write must not stay
+            self._forget(record.member_id)  # a read that raced the write must not stay
         kept = self._kept.get(record.member_id)
         if kept is not None and record.updated_at >= kept[0].updated_at:
             self._kept.pop(record.member_id, None)  # superseded by what was just stored
 
     async def delete(self, member_id: str) -> None:
-        self._cache.pop(member_id, None)
+        self._forget(member_id)
         self._kept.pop(member_id, None)
         try:
             async with self._pool.connection() as conn:
                 await conn.execute("DELETE FROM portal_tokens WHERE member_id = %s", (member_id,))
         except Error as exc:
-            raise TokenStoreError(f"The token store (PostgreSQL) failed to delete: {exc}") from exc
+            raise _store_error("delete", exc) from exc
+
+    def _forget(self, member_id: str) -> None:
+        """After a write: no cached copy, and no read begun before it is shared with later calls."""
+        self._writes += 1
+        self._cache.pop(member_id, None)
+        self._reading.pop(member_id, None)
 
     def refresh_lock(self, member_id: str) -> AbstractAsyncContextManager[None]:
         return self._refresh_lock(member_id)
@@ -198,7 +228,7 @@ class PostgresTokenStore:
                 return rows
             return await with_retry(self._pool, lambda conn: _fetchall(conn, sql, params))
         except Error as exc:
-            raise TokenStoreError(f"The token store (PostgreSQL) failed to read: {exc}") from exc
+            raise _store_error("read", exc) from exc
 
     def _record(self, stored: Any) -> PortalTokens:
         try:
@@ -208,6 +238,12 @@ class PostgresTokenStore:
             raise TokenKeyMismatch(f"{exc}; the app will not overwrite the stored tokens.") from exc
         except (ValueError, ValidationError) as exc:
             raise TokenStoreError(f"A stored token record is unreadable ({type(exc).__name__})") from exc
+
+
+def _store_error(action: str, exc: Error) -> TokenStoreError:
+    """The error /health, the status page and 503 replies show; the driver's text only in the log."""
+    logger.warning("The token store (PostgreSQL) failed to %s: %s", action, exc)
+    return TokenStoreError(f"The token store (PostgreSQL) failed to {action}: {failure(exc)}.")
 
 
 async def _fetchall(conn: AsyncConnection[Any], sql: str, params: tuple[Any, ...]) -> Rows:

@@ -16,8 +16,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from psycopg import AsyncConnection, OperationalError
-from psycopg_pool import AsyncConnectionPool
+from psycopg import AsyncConnection, OperationalError, errors
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from schemas import InstanceSeen
 
@@ -72,6 +72,27 @@ async def open_pool(url: str, max_size: int = 10) -> AsyncConnectionPool[Any]:
     )
     await pool.open(wait=True, timeout=15)
     return pool
+
+
+def failure(exc: BaseException) -> str:
+    """What went wrong with the database, in words fit for /health and replies: the kind of failure.
+
+    The driver's own text goes to the log only: libpq's can name the server's host, address and
+    port, the role and the database (`connection to server at "..."`, `password authentication
+    failed for user "..."`), a server's data file, and it runs to several lines.
+    """
+    sqlstate = getattr(exc, "sqlstate", None) or ""
+    if isinstance(exc, PoolTimeout):
+        return "no connection to the database in time; is PostgreSQL running and reachable?"
+    if isinstance(exc, errors.ReadOnlySqlTransaction):
+        return "the database is read-only (a standby, or default_transaction_read_only is on)"
+    if sqlstate.startswith("53"):  # disk full, out of memory, too many connections
+        return f"the database server is out of resources (SQLSTATE {sqlstate})"
+    if isinstance(exc, OperationalError):
+        return "the connection to the database failed"
+    if sqlstate:
+        return f"the database refused the request (SQLSTATE {sqlstate})"
+    return f"the database request failed ({type(exc).__name__})"
 
 
 async def with_retry(

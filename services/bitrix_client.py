@@ -17,7 +17,7 @@ import httpx
 from pydantic import ValidationError
 
 from config import Settings
-from repositories.token_store import TokenStore, TokenStoreError
+from repositories.token_store import TokenStore, TokenStoreError, amend
 from schemas import PortalTokens, TokenResponse
 from services import metrics, portal_moves
 from services.batch_refs import has_batch_reference
@@ -514,9 +514,9 @@ class BitrixClient:
     async def _remember_move(self, member_id: str, update: dict[str, Any]) -> None:
         if member_id == "-":  # a token being proven at install: no record to update yet
             return
-        stored = await self._tokens.get(member_id)
-        if stored is not None:
-            await self._tokens.save(stored.model_copy(update=update))
+        # Amended, not rewritten: the record read before the request may hold a pair another task
+        # or instance has rotated since, and saving it back would restore a spent refresh token.
+        await amend(self._tokens, member_id, update)
 
 
 def _limited(method: str, until: float) -> BitrixMethodLimited:

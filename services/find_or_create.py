@@ -3,12 +3,19 @@
 `contact_matching` decides; this module asks the portal what the decision needs (one search
 `batch` per pass, one read `batch` when anyone was found, one fill `batch` in `update` mode) and
 routes each job: answered with a found contact, created by the worker, or retried.
+
+A pass holds up to `PASS_LIMIT` jobs, more than one `batch` of adds or answers: its search and its
+read serve them all (a pass of 100 needs at most 10 `findbycomm` commands and usually one read
+command), so a pass that both finds and creates costs search, read, add, answers for 100 calls
+instead of twice that for two passes of 50. Commands beyond 50 go in further batches, sent
+together.
 """
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from repositories.job_journal import Job
 from services import messages
@@ -31,6 +38,15 @@ from services.retry import RetryPolicy
 # How long the portal may go on running a request whose reply was lost (services/worker.py
 # PORTAL_REQUEST_SECONDS, which imports this module): a fill is recomputed only after that.
 SETTLE_SECONDS = 60.0
+BATCH_LIMIT = 50  # Bitrix24 runs at most 50 commands in one `batch` (wire doc 4.3)
+PASS_LIMIT = 2 * BATCH_LIMIT  # jobs in one pass of the worker (see the module docstring)
+
+T = TypeVar("T")
+
+
+def chunks(items: Sequence[T], size: int = BATCH_LIMIT) -> list[list[T]]:
+    """`items` in consecutive groups of at most `size` (one `batch` each)."""
+    return [list(items[index : index + size]) for index in range(0, len(items), size)]
 
 
 class Writes(Protocol):
@@ -156,19 +172,38 @@ async def _fill(
     }
     if not commands:
         return {}
+    failures: dict[int, BitrixError | None] = {}
+    for group in await asyncio.gather(*(_fill_batch(bitrix, member_id, part) for part in _parts(commands))):
+        failures.update(group)
+    return failures
+
+
+async def _fill_batch(
+    bitrix: BitrixClient, member_id: str, commands: Mapping[str, tuple[str, Mapping[str, Any]]]
+) -> dict[int, BitrixError | None]:
+    ids = [int(key.removeprefix("fill")) for key in commands]
     try:
         # Not idempotent: a row without ID is added again each time the update runs.
         outcome = await bitrix.batch(member_id, commands, idempotent=False)
     except BitrixError as exc:
-        return {d.job_id: exc for d in decisions}
-    return {d.job_id: outcome.errors.get(f"fill{d.job_id}") for d in decisions}
+        return dict.fromkeys(ids, exc)
+    return {job_id: outcome.errors.get(f"fill{job_id}") for job_id in ids}
 
 
 async def _run(
     bitrix: BitrixClient, member_id: str, commands: Mapping[str, tuple[str, Mapping[str, Any]]]
 ) -> dict[str, Any]:
-    """One batch whose commands must all succeed: a failed search must not read as "nobody"."""
-    outcome = await bitrix.batch(member_id, commands)
-    if outcome.errors:
-        raise next(iter(outcome.errors.values()))
-    return outcome.results
+    """Batches whose commands must all succeed: a failed search must not read as "nobody"."""
+    outcomes = await asyncio.gather(*(bitrix.batch(member_id, part) for part in _parts(commands)))
+    results: dict[str, Any] = {}
+    for outcome in outcomes:
+        if outcome.errors:
+            raise next(iter(outcome.errors.values()))
+        results.update(outcome.results)
+    return results
+
+
+def _parts(
+    commands: Mapping[str, tuple[str, Mapping[str, Any]]],
+) -> list[dict[str, tuple[str, Mapping[str, Any]]]]:
+    return [dict(part) for part in chunks(list(commands.items()))]

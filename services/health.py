@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from repositories.job_journal import RETRYING_AFTER
-from schemas import PortalTokens, QueueStats
+from schemas import HealthReason, PortalTokens, QueueStats
+from services import messages
+from services.messages import Lang
 
 Status = Literal["ok", "degraded", "down"]
 
@@ -27,37 +29,48 @@ class Observations:
 
     journal_error: str | None = None
     token_store_error: str | None = None  # unreadable: robot calls cannot be authenticated
-    tokens_unsaved: list[str] = field(default_factory=list)  # rotated pairs held only in memory
+    tokens_unsaved: list[tuple[str, str]] = field(default_factory=list)  # (domain, why): pairs only in memory
     missing_settings: list[str] = field(default_factory=list)
     portals: int = 0
     usable_portals: int = 0
     queue: QueueStats = field(default_factory=QueueStats)
 
 
-def verdict(seen: Observations) -> tuple[Status, list[str]]:
-    down = [reason for reason in (seen.journal_error, seen.token_store_error) if reason]
+def verdict(seen: Observations) -> tuple[Status, list[HealthReason]]:
+    down = []
+    if seen.journal_error:
+        down.append(HealthReason(key="journal_down", values={"detail": seen.journal_error}))
+    if seen.token_store_error:
+        down.append(HealthReason(key="token_store_down", values={"detail": seen.token_store_error}))
     if down:
         return "down", down
     degraded = _unfinishable(seen)
     return ("degraded", degraded) if degraded else ("ok", [])
 
 
-def _unfinishable(seen: Observations) -> list[str]:
-    reasons: list[str] = []
-    reasons += seen.tokens_unsaved
+def reason_text(reason: HealthReason, lang: Lang = "en") -> str:
+    """The reason in words: English for /health (the monitors' contract), else the page's language."""
+    return messages.text(lang, f"health_{reason.key}", **reason.values)
+
+
+def _unfinishable(seen: Observations) -> list[HealthReason]:
+    reasons = [
+        HealthReason(key="tokens_unsaved", values={"domain": domain, "error": error})
+        for domain, error in seen.tokens_unsaved
+    ]
     if seen.missing_settings:
-        reasons.append(f"Settings missing: {', '.join(seen.missing_settings)}.")
+        reasons.append(
+            HealthReason(key="missing_settings", values={"names": ", ".join(seen.missing_settings)})
+        )
     if not seen.portals:
-        reasons.append("No portal is installed: install the app in Bitrix24.")
+        reasons.append(HealthReason(key="no_portal"))
     elif not seen.usable_portals:
-        reasons.append("No usable tokens: open /oauth/login to authorize the app again.")
+        reasons.append(HealthReason(key="no_usable_tokens"))
     queue = seen.queue
     if queue.failed_last_day:
-        reasons.append(
-            f"{queue.failed_last_day} job(s) failed for good in the last 24 hours (log: 'Job N failed')."
-        )
+        reasons.append(HealthReason(key="failed_last_day", values={"count": queue.failed_last_day}))
     if queue.retrying:
         reasons.append(
-            f"{queue.retrying} job(s) failed {RETRYING_AFTER} or more attempts in a row and are retrying."
+            HealthReason(key="retrying", values={"count": queue.retrying, "attempts": RETRYING_AFTER})
         )
     return reasons

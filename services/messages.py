@@ -107,6 +107,46 @@ _CATALOGUE: dict[str, dict[Lang, str]] = {
         "en": "; its empty fields were not filled: {detail}",
         "ru": "; пустые поля не заполнены: {detail}",
     },
+    # /health's reasons (services/health.py): English in /health, the page's language on the page.
+    # A storage's own sentence (`detail`, `error`) is quoted as the log has it: it names the file
+    # and the cause, and the README's troubleshooting table is searched by it.
+    "health_journal_down": {
+        "en": "{detail}",
+        "ru": "Журнал заданий не принимает записи, поэтому вызовы робота не принимаются. "
+        "Причина (как в журнале приложения): «{detail}»",
+    },
+    "health_token_store_down": {
+        "en": "{detail}",
+        "ru": "Токены порталов не читаются, поэтому вызовы робота нельзя проверить и принять. "
+        "Причина (как в журнале приложения): «{detail}»",
+    },
+    "health_tokens_unsaved": {
+        "en": "{error} The newest tokens of portal {domain} are kept in memory until the file can be "
+        "written.",
+        "ru": "Новые токены портала {domain} пока хранятся только в памяти: хранилище их не принимает. "
+        "Освободите место или разрешите запись до перезапуска приложения. Причина: «{error}»",
+    },
+    "health_missing_settings": {
+        "en": "Settings missing: {names}.",
+        "ru": "Не заданы настройки: {names}.",
+    },
+    "health_no_portal": {
+        "en": "No portal is installed: install the app in Bitrix24.",
+        "ru": "Ни один портал не установил приложение: установите его в Битрикс24.",
+    },
+    "health_no_usable_tokens": {
+        "en": "No usable tokens: open /oauth/login to authorize the app again.",
+        "ru": "Нет рабочих токенов: откройте /oauth/login, чтобы снова авторизовать приложение.",
+    },
+    "health_failed_last_day": {
+        "en": "{count} job(s) failed for good in the last 24 hours (log: 'Job N failed').",
+        "ru": "Заданий, окончательно не выполненных за последние 24 часа: {count} "
+        "(в журнале: 'Job N failed').",
+    },
+    "health_retrying": {
+        "en": "{count} job(s) failed {attempts} or more attempts in a row and are retrying.",
+        "ru": "Заданий, у которых не удались {attempts} и более попыток подряд (они повторяются): {count}.",
+    },
 }
 
 # The Russian text of each client error's `admin_hint`, by class name (services/bitrix_errors.py).

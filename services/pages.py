@@ -12,6 +12,7 @@ from pathlib import Path
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
 from schemas import RobotRun, StatusReport
+from services.health import reason_text
 from services.messages import Lang
 from services.page_text import PAGE_TEXT, unit
 
@@ -69,6 +70,7 @@ def status_page(report: StatusReport, now: float | None = None) -> str:
         days=lambda value: unit(lang, "day", round(value)),
         document_link=lambda document_id: document_link(report.portal_url, document_id),
         outcome=outcome,
+        say=lambda reason: reason_text(reason, lang),
     )
 
 

@@ -6,6 +6,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 import httpx
@@ -20,6 +21,7 @@ from schemas import (
     ClusterStatus,
     EventAuth,
     Health,
+    HealthReason,
     IframeInstall,
     InstallEvent,
     PortalStatus,
@@ -51,7 +53,7 @@ from services.errors import (
     UpstreamUnavailable,
 )
 from services.handler_check import handler_warnings
-from services.health import Observations, portal_usable, verdict
+from services.health import Observations, portal_usable, reason_text, verdict
 from services.install_guard import PROOF_TIMEOUT_SECONDS, ProofGate
 from services.observability import portal_var, register_secret, workflow_var
 from services.portal_moves import move_advice
@@ -62,7 +64,6 @@ logger = logging.getLogger(__name__)
 
 STATE_TTL_SECONDS = 600.0
 _RECONNECT = "The portal's next robot call reconnects it, or open /oauth/login."
-_KEPT = "The newest tokens of portal {} are kept in memory until the file can be written."
 
 
 @dataclass(frozen=True)
@@ -232,8 +233,12 @@ class ProcessingService:
         # its access token is valid: any user who opens the app holds such a token, and must not
         # be able to choose the secret that authenticates robot calls.
         stored = await self._tokens.get(event.auth.member_id)
-        record = _with_event_tokens(verify_callback(self._settings, stored, event.auth), event)
-        await self._tokens.save(record)
+        record = verify_callback(self._settings, stored, event.auth)
+        # Amended, not rewritten: `stored` may hold a pair rotated since (the read cache, another
+        # instance), and saving it back would restore a spent refresh token.
+        changes = _event_changes(record, event)
+        if changes:
+            record = await amend(self._tokens, record.member_id, changes) or record
         version = event.data.get("VERSION", "?")
         logger.info(
             "App updated on portal %s (version %s): registering the robot again", record.domain, version
@@ -386,12 +391,16 @@ class ProcessingService:
 
     async def health(self) -> Health:
         """ "ok", "degraded" or "down" with the reasons; the portals, the robot, the queue."""
+        return (await self._health())[0]
+
+    async def _health(self) -> tuple[Health, list[HealthReason]]:
+        """/health, and its reasons as message keys for the status page to word in its language."""
         portals, store_error = await self._portal_statuses()
-        unsaved = [p.tokens_unsaved for p in portals if p.tokens_unsaved]
+        kept = self._tokens.unsaved()
         seen = Observations(
             journal_error=await self._journal.check(),
             token_store_error=store_error,
-            tokens_unsaved=unsaved,
+            tokens_unsaved=[(p.domain, kept[p.member_id]) for p in portals if p.member_id in kept],
             missing_settings=self._settings.missing(),
             portals=len(portals),
             usable_portals=sum(p.connected for p in portals),
@@ -399,25 +408,28 @@ class ProcessingService:
         if seen.journal_error is None:
             seen.queue = await self._journal.stats()
         status, reasons = verdict(seen)
-        return Health(
+        unsaved = next((p.tokens_unsaved for p in portals if p.tokens_unsaved), None)
+        health = Health(
             status=status,
-            reasons=reasons,
+            reasons=[reason_text(reason) for reason in reasons],
             portal_connected=seen.usable_portals > 0,
             robot_registered=any(p.robot_registered for p in portals),
             missing_settings=seen.missing_settings,
-            token_store_error=store_error or (unsaved[0] if unsaved else None),
+            token_store_error=store_error or unsaved,
             queue=seen.queue,
             cluster=await self._cluster() if self._cluster else None,
         )
+        return health, reasons
 
     async def status_report(
         self, frame: AppFrame | None, accept_language: str | None, listen_port: int | None
     ) -> StatusReport:
         """The status page; portal details and recent runs only for a user inside that portal."""
-        health = await self.health()
+        health, reasons = await self._health()
         settings = self._settings
         report = StatusReport(
             health=health,
+            health_reasons=reasons,
             portals_installed=len((await self._portal_statuses())[0]),
             handler_url=settings.robot_handler_url,
             handler_warnings=handler_warnings(settings.app_base_url, listen_port),
@@ -521,7 +533,9 @@ def _portal_status(record: PortalTokens, unsaved: str | None) -> PortalStatus:
         robot_registered=record.robot_registered_at is not None,
         connected=record.works,
         disconnected_reason=reason,
-        tokens_unsaved=f"{unsaved} {_KEPT.format(record.domain)}" if unsaved else None,
+        tokens_unsaved=messages.text("en", "health_tokens_unsaved", error=unsaved, domain=record.domain)
+        if unsaved
+        else None,
         refresh_token_age_days=age,
         refresh_token_days_left=None if age is None else max(0.0, REFRESH_TOKEN_LIFETIME / 86400 - age),
         robot_checked_at=record.robot_registered_at,
@@ -532,25 +546,27 @@ def _portal_status(record: PortalTokens, unsaved: str | None) -> PortalStatus:
     )
 
 
-def _with_event_tokens(record: PortalTokens, event: UpdateEvent) -> PortalTokens:
-    """The record with the tokens an event carried (an event may carry none)."""
+def _event_changes(record: PortalTokens, event: UpdateEvent) -> dict[str, Any]:
+    """The fields an event's tokens change (an event may carry none); nothing it lacks is written."""
     auth = event.auth
     register_secret(auth.access_token, auth.refresh_token)
     if not auth.access_token:
-        return record
-    return record.model_copy(
-        update={
-            "access_token": auth.access_token,
-            "refresh_token": auth.refresh_token or record.refresh_token,
-            "expires_at": expiry(auth.expires, auth.expires_in),
-            "server_endpoint": auth.server_endpoint or record.server_endpoint,
-            "updated_at": time.time(),
-            # A fresh refresh token makes a dead pair work again.
-            "refresh_issued_at": time.time() if auth.refresh_token else record.refresh_issued_at,
-            "disconnected_reason": None if auth.refresh_token else record.disconnected_reason,
-            "language": _language_id(event.data.get("LANGUAGE_ID")) or record.language,
-        }
-    )
+        return {}
+    now = time.time()
+    changes: dict[str, Any] = {
+        "access_token": auth.access_token,
+        "expires_at": expiry(auth.expires, auth.expires_in),
+        "updated_at": now,
+    }
+    if auth.refresh_token:
+        # A fresh refresh token makes a dead pair work again.
+        changes.update(refresh_token=auth.refresh_token, refresh_issued_at=now, disconnected_reason=None)
+    if auth.server_endpoint:
+        changes["server_endpoint"] = auth.server_endpoint
+    language = _language_id(event.data.get("LANGUAGE_ID"))
+    if language:
+        changes["language"] = language
+    return changes
 
 
 def _language_id(value: object) -> str | None:

@@ -1,9 +1,10 @@
 """The job worker: turns journaled robot calls into contacts and answers, in batches.
 
-Many waiting jobs of one portal become one `batch` of up to 50 `crm.contact.add`, then one
-`batch` of up to 50 `bizproc.event.send`. Each contact carries an origin id derived from its
-`event_token`, so a job resumed after a crash finds the contact it already made instead of
-creating a second one.
+Many waiting jobs of one portal (up to 100 a pass) become `batch`es of up to 50
+`crm.contact.add`, then `batch`es of up to 50 `bizproc.event.send`; a pass's search for existing
+contacts serves all its jobs (services/find_or_create.py). Each contact carries an origin id
+derived from its `event_token`, so a job resumed after a crash finds the contact it already made
+instead of creating a second one.
 """
 
 import asyncio
@@ -30,7 +31,8 @@ from services.retry import RetryPolicy
 
 logger = logging.getLogger(__name__)
 
-BATCH_LIMIT = 50  # Bitrix24 runs at most 50 commands in one `batch`
+BATCH_LIMIT = find_or_create.BATCH_LIMIT  # Bitrix24 runs at most 50 commands in one `batch`
+PASS_LIMIT = find_or_create.PASS_LIMIT  # jobs one pass claims: one search serves them all
 ORIGINATOR_ID = "bitrix24-robot-app"
 _ADD_SHARE = 0.75  # of a job's budget spent creating the contact; the rest is for the answer
 # Calls accepted by another worker process cannot wake this one: poll the journal this often.
@@ -133,7 +135,7 @@ class JobWorker:
         """
         if running and not await self._batch_worth_starting():
             return False
-        claimed = await self._journal.claim(BATCH_LIMIT, self._settings.job_lease_seconds)
+        claimed = await self._journal.claim(PASS_LIMIT, self._settings.job_lease_seconds)
         # A job whose lease ran out while a pass works on it (a portal slower than the lease, a
         # wall-clock jump) is claimed again, which renews its lease, but never worked on twice.
         jobs = [job for job in claimed if job.id not in self._in_flight]
@@ -148,9 +150,9 @@ class JobWorker:
         return True
 
     async def _batch_worth_starting(self) -> bool:
-        due = await self._journal.due_count(BATCH_LIMIT)
+        due = await self._journal.due_count(PASS_LIMIT)
         stalled, self._last_due = due == self._last_due, due
-        return due >= BATCH_LIMIT or (due > 0 and stalled)
+        return due >= PASS_LIMIT or (due > 0 and stalled)
 
     async def _pass(self, jobs: list[Job]) -> None:
         """Process claimed jobs, grouped by portal; a failure is logged, the leases expire."""
@@ -242,8 +244,15 @@ class JobWorker:
 
         Job id → contact id; 0 for a job whose look-up failed: it is retried, never added blindly.
         """
-        if not jobs:
-            return {}
+        found: dict[int, int] = {}
+        parts = (self._find_existing_batch(member_id, part, writes) for part in find_or_create.chunks(jobs))
+        for part_found in await asyncio.gather(*parts):
+            found.update(part_found)
+        return found
+
+    async def _find_existing_batch(
+        self, member_id: str, jobs: Sequence[Job], writes: "_Writes"
+    ) -> dict[int, int]:
         try:
             outcome = await self._bitrix.batch(member_id, _lookup_commands(jobs))
         except BitrixError as exc:
@@ -270,6 +279,12 @@ class JobWorker:
     ) -> list[Job]:
         # Recorded before sending: if we die mid-request, the resumed job looks before it adds.
         await self._journal.mark_add_attempted([job.id for job in jobs])
+        parts = (self._add_batch(member_id, part, fields, writes) for part in find_or_create.chunks(jobs))
+        return [job for ready in await asyncio.gather(*parts) for job in ready]
+
+    async def _add_batch(
+        self, member_id: str, jobs: list[Job], fields: dict[int, dict[str, Any]], writes: "_Writes"
+    ) -> list[Job]:
         commands = {_key(job): ("crm.contact.add", _add_params(job, fields[job.id])) for job in jobs}
         try:
             # Not idempotent: after a lost reply the client does not resend; the job is retried,
@@ -300,6 +315,11 @@ class JobWorker:
     # --- answers -------------------------------------------------------------------------------
 
     async def _answer(self, member_id: str, jobs: list[Job], writes: "_Writes") -> None:
+        await asyncio.gather(
+            *(self._answer_batch(member_id, part, writes) for part in find_or_create.chunks(jobs))
+        )
+
+    async def _answer_batch(self, member_id: str, jobs: list[Job], writes: "_Writes") -> None:
         commands = {_key(job): ("bizproc.event.send", _answer_params(job, writes.lang)) for job in jobs}
         try:
             outcome = await self._bitrix.batch(member_id, commands)

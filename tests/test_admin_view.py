@@ -456,16 +456,53 @@ def _report(**values: Any) -> Any:
     return StatusReport(health=health, portals=[portal], verified=True, **values)
 
 
-@pytest.mark.parametrize("lang", ["en", "ru"])
-def test_status_page_shows_what_health_concludes(lang: Any) -> None:
+@pytest.mark.parametrize(
+    ("lang", "shown"),
+    [
+        ("en", "2 job(s) failed for good in the last 24 hours (log: &#39;Job N failed&#39;)."),
+        (
+            "ru",
+            "Заданий, окончательно не выполненных за последние 24 часа: 2 "
+            "(в журнале: &#39;Job N failed&#39;).",
+        ),
+    ],
+    ids=["en", "ru"],
+)
+def test_status_page_shows_what_health_concludes(lang: Any, shown: str) -> None:
+    from schemas import HealthReason
     from services.pages import status_page
 
-    reason = "2 job(s) failed for good in the last 24 hours (log: 'Job N failed')."
-    page = status_page(_report(status="degraded", reasons=[reason], language=lang))
+    reason = HealthReason(key="failed_last_day", values={"count": 2})
+    page = status_page(_report(status="degraded", health_reasons=[reason], language=lang))
     assert 'id="health-status" data-status="degraded"' in page
-    assert "2 job(s) failed for good in the last 24 hours (log: &#39;Job N failed&#39;)." in page
+    assert shown in page
     ok = status_page(_report(language=lang))
     assert 'data-status="ok"' in ok
+
+
+def test_a_russian_status_page_words_every_health_reason_in_russian() -> None:
+    from schemas import HealthReason
+    from services.pages import status_page
+
+    storage = "The job journal /srv/jobs.sqlite3 cannot be used: database or disk is full."
+    reasons = [
+        HealthReason(key="journal_down", values={"detail": storage}),
+        HealthReason(key="token_store_down", values={"detail": "The token file t.json is unreadable."}),
+        HealthReason(key="tokens_unsaved", values={"domain": "a.bitrix24.ru", "error": "ENOSPC."}),
+        HealthReason(key="missing_settings", values={"names": "BITRIX_CLIENT_ID"}),
+        HealthReason(key="no_portal"),
+        HealthReason(key="no_usable_tokens"),
+        HealthReason(key="failed_last_day", values={"count": 1}),
+        HealthReason(key="retrying", values={"count": 3, "attempts": 5}),
+    ]
+    page = status_page(_report(status="down", health_reasons=reasons, language="ru"))
+    shown = re.findall(r"<li>(.*?)</li>", page.split('class="health-reasons"')[1].split("</ul>")[0])
+
+    assert len(shown) == len(reasons)
+    for text in shown:
+        words = re.sub(r"«[^»]*»|[A-Z_]{4,}|/oauth/login|\S+\.bitrix24\.ru|&#39;Job N failed&#39;", "", text)
+        assert not re.search(r"[A-Za-z]{3,}", words), text  # Russian, but for what it quotes
+    assert f"«{storage}»" in page  # the storage's own words, as the log has them
 
 
 def test_status_page_shows_a_renamed_portal_and_what_to_change() -> None:

@@ -93,6 +93,46 @@ def test_contact_update_adds_changes_and_deletes_multifield_rows(portal: FakePor
     assert missing.json() == {"error": "", "error_description": "Contact is not found"}
 
 
+def test_findbycomm_follows_each_update_of_a_contact(portal: FakePortal, token: str) -> None:
+    """Match codes are rebuilt on every save: a changed, added or deleted value is found (or not) at once."""
+    portal.add_contact({"PHONE": [{"VALUE": "+79990000001"}], "EMAIL": [{"VALUE": "a@example.com"}]})
+    ids = [row["ID"] for row in call(portal, token, "crm.contact.get", id=1).json()["result"]["PHONE"]]
+
+    change = [{"ID": ids[0], "VALUE": "+79990000002"}, {"VALUE": "+79990000003"}]
+    call(
+        portal,
+        token,
+        "crm.contact.update",
+        id=1,
+        fields={"PHONE": change, "EMAIL": [{"VALUE": "b@example.com"}]},
+    )
+
+    assert find(portal, token, "PHONE", ["+79990000001"])["result"] == []
+    assert find(portal, token, "PHONE", ["+79990000002", "+79990000003"])["result"] == {"CONTACT": [1]}
+    assert find(portal, token, "EMAIL", ["A@example.com", "b@example.com"])["result"] == {"CONTACT": [1]}
+    rows = call(portal, token, "crm.contact.get", id=1).json()["result"]["PHONE"]
+    call(
+        portal,
+        token,
+        "crm.contact.update",
+        id=1,
+        fields={"PHONE": [{"ID": r["ID"], "DELETE": "Y"} for r in rows]},
+    )
+    assert find(portal, token, "PHONE", ["+79990000002"])["result"] == []
+
+
+def test_contact_list_by_id_applies_every_condition(portal: FakePortal, token: str) -> None:
+    for name in ("Ivan", "Anna", "Ivan"):
+        portal.add_contact({"NAME": name})
+    select = ["ID", "NAME"]
+
+    listed = call(portal, token, "crm.contact.list", filter={"@ID": [3, 1, 2, 99]}, select=select).json()
+    assert [c["ID"] for c in listed["result"]] == ["1", "2", "3"]
+    named = call(portal, token, "crm.contact.list", filter={"@ID": [1, 2], "NAME": "Ivan"}, select=select)
+    assert [c["ID"] for c in named.json()["result"]] == ["1"]
+    assert call(portal, token, "crm.contact.list", filter={"ID": 2}, select=select).json()["total"] == 1
+
+
 def test_robot_call_sends_every_registered_input_in_the_portal_s_form(portal: FakePortal, token: str) -> None:
     properties = {
         "last_name": {"Name": "Last name", "Type": "string"},

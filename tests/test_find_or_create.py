@@ -234,6 +234,33 @@ async def test_two_calls_for_one_new_person_in_one_pass_make_one_contact(
     assert portal.stats["per_method"]["crm.contact.add"] == 1
 
 
+async def test_one_search_and_one_read_serve_a_pass_of_a_hundred_calls(
+    tmp_path: Path, portal: FakePortal
+) -> None:
+    """A pass holds 100 jobs, two batches of adds or answers: its search and read serve them all,
+    so half found and half new costs search, read, add and two answers (not twice search, read,
+    add, answer for two passes of 50)."""
+    phones = [f"+7999100{i:04d}" for i in range(100)]
+    existing = {
+        i: portal.add_contact({"LAST_NAME": "Ivanov", "PHONE": [{"VALUE": phones[i]}]})
+        for i in range(0, 100, 2)
+    }
+    calls = [
+        {**PERSON, "phone": phone, "email": f"p{i}@example.com", "duplicates": "reuse"}
+        for i, phone in enumerate(phones)
+    ]
+
+    answers = await one_pass(tmp_path, portal, calls)
+
+    for i, answer in enumerate(answers):
+        contact_id, duplicate, error = returned(answer)
+        assert (duplicate, error) == ("Y" if i in existing else "N", "")
+        assert contact_id == existing[i] if i in existing else contact_id > len(existing)
+    assert len(portal.contacts) == 100
+    assert portal.stats["per_method"]["crm.contact.list"] == 1  # one read command for the 50 found
+    assert portal.stats["per_method"]["crm.contact.add"] == 50
+
+
 async def test_update_for_a_person_created_in_the_same_pass_fills_on_the_next(
     tmp_path: Path, portal: FakePortal
 ) -> None:

@@ -2,9 +2,10 @@
 
 "Same sections" for README.ru.md, mechanically: every `## ` heading of README.ru.md is preceded by
 `<a id="SLUG"></a>`, SLUG being the GitHub anchor of the English section it translates; these
-slugs, in order, are exactly `TRANSLATED`, and each exists in README.md. Inside them the Russian
-settings table names the same settings as `config.Settings`, and the Russian troubleshooting table
-has as many rows as the English one, quoting the same error codes.
+slugs, in order, are exactly `TRANSLATED`, and each exists in README.md, in the same order. Inside
+them the Russian settings table names the same settings as `config.Settings`, the Russian
+troubleshooting table has as many rows as the English one, quoting the same error codes, and the
+Russian security section has the same points, quoting the same settings, headers and limits.
 """
 
 import os
@@ -29,6 +30,7 @@ TRANSLATED = [
     "quick-start",
     "creating-the-local-application-in-the-portal",
     "settings",
+    "security",
     "troubleshooting",
 ]
 
@@ -70,6 +72,7 @@ def test_russian_readme_has_the_same_sections() -> None:
     assert len(re.findall(r"^## ", README_RU, re.M)) == len(anchors), "every ## heading has its anchor"
     assert anchors == TRANSLATED
     assert all(slug in english for slug in anchors)
+    assert sorted(anchors, key=english.index) == anchors, "in the English order"
 
 
 def test_russian_settings_table_names_every_setting() -> None:
@@ -87,6 +90,28 @@ def test_russian_troubleshooting_matches_the_english_one() -> None:
 
     assert len(russian) == len(english)
     assert codes(russian) == codes(english)
+
+
+def test_russian_security_section_matches_the_english_one() -> None:
+    # What the app defends and what the proxy must add: a reader of either README gets the same
+    # points, with the same settings, headers, status codes and limits, spelled the same.
+    english = _section(README, "Security")
+    russian = _ru_section("security")
+
+    def points(text: str) -> list[str]:
+        return re.findall(r"^- ", text, re.M)
+
+    def quoted(text: str) -> set[str]:
+        return set(re.findall(r"`([^`]+)`", text))
+
+    def figures(text: str) -> list[str]:
+        # 65,536 in English is 65 536 in Russian: the same figure once its separators are dropped.
+        found = re.findall(r"\d+(?:[, \u00a0\u202f]\d{3})*(?!\d)", text)
+        return sorted(re.sub(r"\D", "", figure) for figure in found)
+
+    assert len(points(russian)) == len(points(english))
+    assert quoted(russian) == quoted(english)
+    assert figures(russian) == figures(english)
 
 
 def _walkthrough() -> tuple[str, dict[int, str]]:

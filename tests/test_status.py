@@ -88,6 +88,18 @@ async def test_status_page_without_settings_names_them(tmp_path: Path) -> None:
     assert "BITRIX_CLIENT_SECRET" in page.text
 
 
+async def test_a_russian_status_page_gives_the_health_reasons_in_russian(client: httpx.AsyncClient) -> None:
+    # /health is the monitors' contract and stays English; the page a Russian-speaking
+    # administrator opens says the same in Russian.
+    health = (await client.get("/health")).json()
+    page = await client.get("/app", headers={"Accept-Language": "ru-RU,ru;q=0.9"})
+
+    assert health["reasons"] == ["No portal is installed: install the app in Bitrix24."]
+    assert 'data-status="degraded"' in page.text
+    assert "No portal is installed" not in page.text
+    assert "Ни один портал не установил приложение: установите его в Битрикс24." in page.text
+
+
 @pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX")
 async def test_job_journal_is_private(installed: httpx.AsyncClient, settings: Settings) -> None:
     assert stat.S_IMODE(settings.job_db_file.stat().st_mode) == 0o600

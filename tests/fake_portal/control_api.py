@@ -43,14 +43,7 @@ class _ControlApi:
 
     async def stats(self, request: Request) -> Response:
         portal = self.portal
-        counts = {
-            "contacts": len(portal.contacts),
-            "answers": len(portal.answers),
-            "robots": len(portal.robots),
-            "bound_events": len(portal.bound_events),
-            "pending": len(portal.pending_event_tokens),
-        }
-        return JSONResponse({**portal.stats, **counts, "recent_errors": portal.recent_errors})
+        return JSONResponse({**portal.stats, **portal.counts(), "recent_errors": portal.recent_errors})
 
     async def answers(self, request: Request) -> Response:
         return JSONResponse(self.portal.answers)

@@ -52,6 +52,7 @@ def _contact_add(call: _Call) -> Any:
     state = call.state
     contact_id = len(state.contacts) + 1
     state.contacts.append({**copy.deepcopy(fields), "ID": contact_id})
+    _index_codes(state, state.contacts[-1])
     now = datetime.now().astimezone().isoformat(timespec="seconds")
     state.contact_meta[contact_id] = {"user_id": call.user_id, "created": now}
     return contact_id
@@ -160,10 +161,21 @@ def _sort_key(order: Any) -> tuple[Callable[[dict[str, Any]], Any], bool]:
     return (lambda contact: str(contact.get(name) or "")), reverse
 
 
+def _candidates(state: _State, conditions: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The contacts a filter can match: by primary key when it names IDs (`@ID`, `ID`, `=ID`),
+    as the portal's SQL would; `_matches` still applies every condition to them."""
+    for key in ("@ID", "ID", "=ID"):
+        if key in conditions:
+            wanted = conditions[key] if isinstance(conditions[key], list) else [conditions[key]]
+            ids = sorted({int(v) for v in wanted if str(v).isdigit() and 0 < int(v) <= len(state.contacts)})
+            return [state.contacts[i - 1] for i in ids]
+    return state.contacts
+
+
 def _contact_list(call: _Call) -> Any:
     conditions = call.param("filter")
     conditions = conditions if isinstance(conditions, dict) else {}
-    found = [c for c in call.state.contacts if _matches(c, conditions)]
+    found = [c for c in _candidates(call.state, conditions) if _matches(c, conditions)]
     key, reverse = _sort_key(call.param("order"))
     found.sort(key=key, reverse=reverse)
     start = str(call.param("start") or "0")
@@ -205,6 +217,19 @@ def _comm_key(kind: str, value: Any) -> str:
     return text.lower() if kind == "EMAIL" else _normalize_phone(text)
 
 
+def _index_codes(state: _State, contact: Mapping[str, Any]) -> None:
+    """Keep the duplicate index (`_State.comm_index`) in step with a contact just added or updated."""
+    contact_id = int(contact["ID"])
+    for kind, index in state.comm_index.items():
+        old = state.comm_codes.get((kind, contact_id), set())
+        new = {code for code in (_comm_key(kind, v) for v in _field_values(contact, kind) if v) if code}
+        for code in old - new:
+            index[code].discard(contact_id)
+        for code in new - old:
+            index.setdefault(code, set()).add(contact_id)
+        state.comm_codes[(kind, contact_id)] = new
+
+
 def _find_by_comm(call: _Call) -> Any:
     """crm.duplicate.findbycomm as crm/classes/general/restservice.php `CCrmDuplicateRestProxy` runs it.
 
@@ -225,11 +250,8 @@ def _find_by_comm(call: _Call) -> Any:
     if entity == "DEAL":
         raise PortalError(400, "Deal is not supported in current context.", "")
     codes = list(dict.fromkeys(_comm_key(kind, v) for v in values if isinstance(v, str) and v))[:20]
-    hits: dict[str, list[int]] = {code: [] for code in codes if code}
-    for contact in call.state.contacts:  # one scan: the portal reads an index of match codes
-        for code in {_comm_key(kind, v) for v in _field_values(contact, kind) if v} & hits.keys():
-            if len(hits[code]) < 20:
-                hits[code].append(int(contact["ID"]))
+    index = call.state.comm_index[kind]  # the portal reads its index of match codes
+    hits = {code: sorted(index.get(code, ()))[:20] for code in codes if code}  # the oldest 20
     ids = list(dict.fromkeys(i for code in codes if code for i in hits[code]))
     # This portal keeps contacts only: an entity type other than CONTACT finds nothing here.
     return {"CONTACT": ids} if ids and entity in ("", "CONTACT") else []
@@ -255,6 +277,7 @@ def _contact_update(call: _Call) -> Any:
             contact[key] = _merge_multifield(int(raw), _multifield_items(contact.get(key)), value)
         elif key != "ID":
             contact[key] = copy.deepcopy(value)
+    _index_codes(call.state, contact)
     return True
 
 

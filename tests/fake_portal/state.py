@@ -214,6 +214,11 @@ class _State:
         self.refresh: dict[str, _Grant] = {}
         self.codes: dict[str, _Grant] = {}
         self.contacts: list[dict[str, Any]] = []
+        # The match codes of the contacts' phones and e-mails, kept up to date on every save as the
+        # portal keeps its duplicate index (crm/lib/integrity DuplicateCommunicationMatchCodeTable,
+        # b_crm_dp_comm_mcd) that crm.duplicate.findbycomm reads: kind -> code -> contact ids.
+        self.comm_index: dict[str, dict[str, set[int]]] = {"PHONE": {}, "EMAIL": {}}
+        self.comm_codes: dict[tuple[str, int], set[str]] = {}  # (kind, contact id) -> its codes
         self.contact_meta: dict[int, dict[str, Any]] = {}
         self.issued: set[str] = set()  # event tokens this portal signed
         self.pending: set[str] = set()  # ... whose robot still waits for its answer
