@@ -34,9 +34,14 @@ class AppState(TypedDict):
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-async def get_processing_service(request: Request) -> ProcessingService:
-    """Built once in the lifespan (it holds no per-request state); tests may override it."""
+def processing_service(request: Request) -> ProcessingService:
+    """Built once in the lifespan (it holds no per-request state)."""
     return request.state.service  # type: ignore[no-any-return]
+
+
+async def get_processing_service(request: Request) -> ProcessingService:
+    """The service as a dependency; tests may override it."""
+    return processing_service(request)
 
 
 ProcessingServiceDep = Annotated[ProcessingService, Depends(get_processing_service)]
@@ -75,8 +80,7 @@ def validated(model: type[Model], data: dict[str, Any], what: str) -> Model:
 
 
 async def robot_call_form(request: Request) -> RobotCall:
-    # Reads the form itself rather than through FormDep: one dependency level less on the
-    # busiest route, measured in bench/profile_ack.py.
+    """The robot call in the body; called by the route itself (see router.robot)."""
     form = await read_form(request)
     if "event_token" not in form:
         raise BadRequest("Not a robot call: the body has no event_token.")
@@ -120,7 +124,6 @@ async def update_form(form: FormDep) -> UpdateEvent:
     return validated(UpdateEvent, form, "ONAPPUPDATE event")
 
 
-RobotCallDep = Annotated[RobotCall, Depends(robot_call_form)]
 InstallDep = Annotated[InstallEvent | IframeInstall, Depends(install_form)]
 UninstallDep = Annotated[UninstallEvent, Depends(uninstall_form)]
 UpdateDep = Annotated[UpdateEvent, Depends(update_form)]

@@ -1,8 +1,10 @@
 """App factory: lifespan (shared client, stores, job worker), logging, error mapping."""
 
 import asyncio
+import gc
 import logging
 import os
+import random
 import re
 import time
 from collections.abc import AsyncIterator
@@ -89,6 +91,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
         )
         task = asyncio.create_task(worker.run(), name="job-worker")
         upkeep = asyncio.create_task(TokenUpkeep(tokens, bitrix, settings).run(), name="token-upkeep")
+        _freeze_startup_objects()
         try:
             yield AppState(service=service, body_limits=BodyLimits(settings.body_timeout_seconds))
         finally:
@@ -98,6 +101,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
                     await background
             await robots.close()
         logger.info("Shut down")
+
+
+def _freeze_startup_objects() -> None:
+    """Keep what the start-up built out of every later garbage collection.
+
+    The modules, models and routes built at start live as long as the process, yet each full
+    collection walked all of them again: a tenth of a robot call's CPU under load (perf, cpu-clock
+    samples in gc_collect_main). `gc.freeze()` moves them to the permanent generation (Python docs).
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def _report_settings(settings: Settings) -> None:
@@ -161,7 +175,9 @@ def _request_id(headers: list[tuple[bytes, bytes]]) -> str:
             if _REQUEST_ID.match(incoming):
                 return incoming
             break
-    return os.urandom(6).hex()
+    # Only correlates log lines, so no secret: the PRNG spares a system call per request (and
+    # with it a release of the GIL that the journal's thread would take).
+    return f"{random.getrandbits(48):012x}"
 
 
 class RequestContextMiddleware:
@@ -203,9 +219,12 @@ def _wants_html(request: Request) -> bool:
 
 
 def _error_response(request: Request, status: int, code: str, detail: str) -> Response:
+    # 408: the rest of the body may still be on its way, so the connection cannot be reused.
+    headers = {"Connection": "close"} if status == 408 else None
     if _wants_html(request):
-        return HTMLResponse(pages.message_page("Request refused", detail, ok=False), status_code=status)
-    return JSONResponse({"error": code, "detail": detail}, status_code=status)
+        page = pages.message_page("Request refused", detail, ok=False)
+        return HTMLResponse(page, status_code=status, headers=headers)
+    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
 
 
 def register_exception_handlers(app: FastAPI) -> None:

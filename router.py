@@ -9,10 +9,11 @@ from dependencies import (
     AppFrameDep,
     InstallDep,
     ProcessingServiceDep,
-    RobotCallDep,
     SettingsDep,
     UninstallDep,
     UpdateDep,
+    processing_service,
+    robot_call_form,
 )
 from schemas import Health, InstallEvent, RobotAck
 from services import messages, metrics, pages
@@ -25,9 +26,12 @@ AcceptLanguage = Annotated[str | None, Header()]
 
 # First: routes are matched in order, and robot calls are by far the most frequent.
 @router.post("/robot", response_model=RobotAck)
-async def robot(call: RobotCallDep, service: ProcessingServiceDep) -> Response:
+async def robot(request: Request) -> Response:
     """The robot handler: acknowledge at once; the contact and the answer follow from the queue."""
-    ack = await service.accept_robot_call(call)
+    # The form and the service are read here, not declared as dependencies: on the busiest route,
+    # FastAPI's dependency solving cost more than parsing the whole body (bench/profile_ack.py).
+    call = await robot_call_form(request)
+    ack = await processing_service(request).accept_robot_call(call)
     # Serialised here, by the model itself: FastAPI's generic response path costs more than it.
     return Response(ack.model_dump_json(), media_type="application/json")
 

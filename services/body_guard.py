@@ -112,19 +112,10 @@ class BodyGuardMiddleware:
         # No Content-Length (chunked): the size is unknown, so it counts as large.
         body = _GuardedBody(receive, limits, deadline, declared is None or declared > LARGE_BODY_BYTES)
         try:
-            await self.app(scope, body.receive, _closing_on_timeout(send))
+            # A timeout's 408 carries `Connection: close` (main._error_response).
+            await self.app(scope, body.receive, send)
         finally:
             body.release()
-
-
-def _closing_on_timeout(send: Send) -> Send:
-    async def send_closing(message: Message) -> None:
-        if message["type"] == "http.response.start" and message["status"] == 408:
-            # The rest of the body may still be on its way: the connection cannot be reused.
-            message["headers"] = [*message.get("headers", []), (b"connection", b"close")]
-        await send(message)
-
-    return send_closing
 
 
 def raise_file_limit() -> None:

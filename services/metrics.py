@@ -24,6 +24,9 @@ ROBOT_CALLS = Counter(
     "failed, abandoned (when the workflow's answer is settled)",
     ["outcome"],
 )
+# Counted on every robot call: looked up once, not per call.
+CALLS_ACCEPTED = ROBOT_CALLS.labels(outcome="accepted")
+CALLS_DUPLICATE = ROBOT_CALLS.labels(outcome="duplicate")
 ACK_SECONDS = Histogram(
     "robot_acknowledgement_seconds",
     "Time from a robot call's arrival to its reply (the 200 means the call is on disk)",

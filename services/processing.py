@@ -328,7 +328,7 @@ class ProcessingService:
         if not record.works:
             record = await self._heal(record, call.auth)
         job_id, created = await self._journal.add(self._new_job(call, record))
-        metrics.ROBOT_CALLS.labels(outcome="accepted" if created else "duplicate").inc()
+        (metrics.CALLS_ACCEPTED if created else metrics.CALLS_DUPLICATE).inc()
         if not created:
             logger.info("Robot call delivered again; job %d already has it", job_id)
             return RobotAck(status="duplicate", job_id=job_id)

@@ -112,6 +112,8 @@ async def test_a_pinned_old_address_refuses_and_names_the_setting(
         ru_portal.release()  # ...and its REST calls meet the 302
 
         await eventually(lambda: "set BITRIX_PORTAL_URL=https://b24-new.bitrix24.ru" in caplog.text)
+        # The advice is logged as the move is refused; the record notes it a moment later.
+        await eventually(lambda: bool(next(iter(_stored(settings).values())).get("moved_to")))
         _, later = ru_portal.robot_call_body(GOOD)
         refused = await post_form(app, "/robot", later)
 
