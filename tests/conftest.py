@@ -1,6 +1,7 @@
 """Shared fixtures: a fake Bitrix24 portal on 127.0.0.1 and the app wired to it."""
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -13,6 +14,7 @@ from fastapi import FastAPI
 
 from config import Settings, get_settings
 from main import create_app
+from schemas import PortalTokens
 from tests.fake_portal import FakePortal, FakePortalConfig
 from tests.pg_server import TestPostgres
 
@@ -49,6 +51,22 @@ def make_settings(tmp_path: Path, portal: FakePortal, **overrides: Any) -> Setti
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+def write_installed_portal(portal: FakePortal, token_file: Path) -> PortalTokens:
+    """A token file holding the pair the portal's install page hands out, as the app stores it."""
+    _, body = portal.iframe_install()
+    fields = dict(pair.split("=", 1) for pair in body.split("&"))
+    record = PortalTokens(
+        member_id=portal.config.member_id,
+        domain=portal.domain,
+        client_endpoint=portal.client_endpoint,
+        access_token=fields["AUTH_ID"],
+        refresh_token=fields["REFRESH_ID"],
+        expires_at=time.time() + 3600,
+    )
+    token_file.write_text(json.dumps({"version": 1, "portals": {record.member_id: record.model_dump()}}))
+    return record
 
 
 @pytest.fixture

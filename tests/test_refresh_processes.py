@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.conftest import make_settings
+from tests.conftest import make_settings, write_installed_portal
 from tests.fake_portal import FakePortal
 from tests.processes import PROJECT, app_env
 
@@ -33,22 +33,8 @@ asyncio.run(main())
 
 
 def test_two_processes_refresh_once_and_leave_a_readable_file(tmp_path: Path, portal: FakePortal) -> None:
-    from schemas import PortalTokens
-
     settings = make_settings(tmp_path, portal)
-    _, body = portal.iframe_install()
-    fields = dict(pair.split("=", 1) for pair in body.split("&"))
-    record = PortalTokens(
-        member_id=portal.config.member_id,
-        domain=portal.domain,
-        client_endpoint=portal.client_endpoint,
-        access_token=fields["AUTH_ID"],
-        refresh_token=fields["REFRESH_ID"],
-        expires_at=time.time() + 3600,
-    )
-    settings.token_file.write_text(
-        json.dumps({"version": 1, "portals": {record.member_id: record.model_dump()}})
-    )
+    installed = write_installed_portal(portal, settings.token_file)
     portal.expire_access_tokens()
     start_at = str(time.time() + 1.5)
     argv = [sys.executable, "-c", SCRIPT, start_at, portal.config.member_id]
@@ -64,4 +50,4 @@ def test_two_processes_refresh_once_and_leave_a_readable_file(tmp_path: Path, po
     assert all(out.decode().strip() == portal.config.client_id for out, _ in outputs)
     assert portal.stats["refreshes"] == 1
     stored = json.loads(settings.token_file.read_text())["portals"][portal.config.member_id]
-    assert stored["refresh_token"] != fields["REFRESH_ID"]
+    assert stored["refresh_token"] != installed.refresh_token

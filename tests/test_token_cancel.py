@@ -9,17 +9,15 @@ disconnected.
 
 import asyncio
 import json
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from repositories.token_store import JsonTokenStore
-from schemas import PortalTokens
 from services.bitrix_client import BitrixClient
 from services.rate_limit import PortalRateLimiter
-from tests.conftest import make_settings
+from tests.conftest import make_settings, write_installed_portal
 from tests.fake_portal import FakePortal
 
 pytestmark = pytest.mark.anyio
@@ -45,26 +43,11 @@ class _SlowTokenReplies(httpx.AsyncBaseTransport):
         await self._inner.aclose()
 
 
-def _stored_pair(portal: FakePortal, token_file: Path) -> str:
-    _, body = portal.iframe_install()
-    fields = dict(pair.split("=", 1) for pair in body.split("&"))
-    record = PortalTokens(
-        member_id=portal.config.member_id,
-        domain=portal.domain,
-        client_endpoint=portal.client_endpoint,
-        access_token=fields["AUTH_ID"],
-        refresh_token=fields["REFRESH_ID"],
-        expires_at=time.time() + 3600,
-    )
-    token_file.write_text(json.dumps({"version": 1, "portals": {record.member_id: record.model_dump()}}))
-    return record.access_token or ""
-
-
 async def test_a_renewal_cancelled_after_the_server_rotated_still_saves_the_new_pair(
     tmp_path: Path, portal: FakePortal
 ) -> None:
     settings = make_settings(tmp_path, portal)
-    access = _stored_pair(portal, settings.token_file)
+    access = write_installed_portal(portal, settings.token_file).access_token or ""
     transport = _SlowTokenReplies()
     async with httpx.AsyncClient(transport=transport) as http:
         store = JsonTokenStore(settings.token_file)

@@ -12,8 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from schemas import PortalTokens
-from tests.conftest import make_settings
+from tests.conftest import make_settings, write_installed_portal
 from tests.fake_portal import FakePortal
 from tests.processes import PROJECT, AppProcess, app_env, free_port
 from tests.storage_faults import TinyTmpfs
@@ -70,21 +69,6 @@ def disk(tmp_path: Path) -> Iterator[TinyTmpfs]:
         yield mounted
 
 
-def _install_file(portal: FakePortal, token_file: Path) -> str:
-    _, body = portal.iframe_install()
-    fields = dict(pair.split("=", 1) for pair in body.split("&"))
-    record = PortalTokens(
-        member_id=portal.config.member_id,
-        domain=portal.domain,
-        client_endpoint=portal.client_endpoint,
-        access_token=fields["AUTH_ID"],
-        refresh_token=fields["REFRESH_ID"],
-        expires_at=time.time() + 3600,
-    )
-    token_file.write_text(json.dumps({"version": 1, "portals": {record.member_id: record.model_dump()}}))
-    return fields["REFRESH_ID"]
-
-
 def _stored_refresh(token_file: Path, member_id: str) -> str:
     refresh: str = json.loads(token_file.read_text())["portals"][member_id]["refresh_token"]
     return refresh
@@ -105,7 +89,7 @@ def test_no_process_refreshes_while_another_holds_an_unsaved_pair(
     tmp_path: Path, portal: FakePortal, disk: TinyTmpfs
 ) -> None:
     token_file = disk.path / "tokens.json"
-    dead = _install_file(portal, token_file)
+    dead = write_installed_portal(portal, token_file).refresh_token
     portal.expire_access_tokens()
     disk.fill()
 
