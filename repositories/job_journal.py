@@ -9,7 +9,6 @@ The worker claims jobs with a lease (claiming again renews it); a new leader rec
 lease at once, since their holder is gone.
 """
 
-import asyncio
 import json
 import sqlite3
 import time
@@ -17,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from repositories.grouped_adds import GroupedAdds, Stored
 from repositories.sqlite_db import SqliteDatabase, transaction
 from schemas import QueueStats, RobotRun
 
@@ -163,7 +163,6 @@ _IDS = (
     "SELECT json_group_array(json_array(event_token, id)) FROM jobs"
     " WHERE event_token IN (SELECT value FROM json_each(?))"
 )
-Waiter = tuple[NewJob, "asyncio.Future[tuple[int, bool]]"]
 
 
 class SqliteJobJournal:
@@ -173,42 +172,16 @@ class SqliteJobJournal:
         self._db = db
         db.run_now(lambda conn: conn.executescript(_SCHEMA))
         db.run_now(_add_missing_columns)
-        self._queued: list[Waiter] = []
-        self._committer: asyncio.Task[None] | None = None
+        self._adds = GroupedAdds(self._insert_group)
 
     async def add(self, job: NewJob) -> tuple[int, bool]:
         # Group commit: with synchronous=FULL every commit waits for the disk, so the calls that
         # arrive while one commit is in flight are inserted together in the next, one fsync for all.
-        waiter: asyncio.Future[tuple[int, bool]] = asyncio.get_running_loop().create_future()
-        self._queued.append((job, waiter))
-        if self._committer is None:
-            self._committer = asyncio.create_task(self._commit_queued())
-        return await waiter
+        return await self._adds.add(job)
 
-    async def _commit_queued(self) -> None:
-        try:
-            while self._queued:
-                # One more turn of the event loop before the group is closed, as the PostgreSQL
-                # journal does: the calls whose bytes arrived meanwhile join it. Idle, it costs
-                # nothing; under load it saves a commit, and the thread hand-offs around it.
-                await asyncio.sleep(0)
-                group, self._queued = self._queued, []
-                await self._commit_group(group)
-        finally:
-            self._committer = None
-
-    async def _commit_group(self, group: list[Waiter]) -> None:
-        insert_all = _inserter([job for job, _ in group])
-        try:
-            outcomes = await self._db.run(lambda conn: transaction(conn, insert_all))
-        except Exception as exc:  # StorageError, or a bug: every waiter hears of it
-            for _, waiter in group:
-                if not waiter.done():
-                    waiter.set_exception(exc)
-            return
-        for (_, waiter), outcome in zip(group, outcomes, strict=True):
-            if not waiter.done():  # a caller that went away still has its job stored
-                waiter.set_result(outcome)
+    async def _insert_group(self, jobs: list[NewJob]) -> Stored:
+        insert_all = _inserter(jobs)
+        return await self._db.run(lambda conn: transaction(conn, insert_all))
 
     async def claim(self, limit: int, lease_seconds: float) -> list[Job]:
         now = time.time()
@@ -306,8 +279,7 @@ class SqliteJobJournal:
 
     async def close(self) -> None:
         """Let the inserts on their way finish; the shared database is closed by its owner."""
-        if self._committer is not None:
-            await asyncio.gather(self._committer, return_exceptions=True)
+        await self._adds.close()
 
     async def _execute_many(self, sql: str, ids: Sequence[int]) -> None:
         now = time.time()
@@ -329,24 +301,18 @@ def _add_column(db: sqlite3.Connection, definition: str) -> None:
             raise
 
 
-def _inserter(jobs: list[NewJob]) -> Callable[[sqlite3.Connection], list[tuple[int, bool]]]:
-    """Insert the group (known tokens skipped); (id, created) for each job, in order."""
+def _inserter(jobs: list[NewJob]) -> Callable[[sqlite3.Connection], Stored]:
+    """Insert the group (known tokens skipped): every job's id, and the tokens it stored."""
     rows = json.dumps([_row(job) for job in jobs], ensure_ascii=False)
     tokens = json.dumps([job.event_token for job in jobs], ensure_ascii=False)
 
-    def insert_all(conn: sqlite3.Connection) -> list[tuple[int, bool]]:
+    def insert_all(conn: sqlite3.Connection) -> Stored:
         # In the write transaction no one else inserts, so the new ids are exactly those above
         # the highest id before (AUTOINCREMENT never reuses one).
         before = conn.execute("SELECT coalesce(max(id), 0) FROM jobs").fetchone()[0]
         conn.execute(_INSERT, (time.time(), rows))
         ids: dict[str, int] = dict(json.loads(conn.execute(_IDS, (tokens,)).fetchone()[0]))
-        outcomes, seen = [], set()
-        for job in jobs:
-            job_id = ids[job.event_token]
-            # A token twice in one group is created once; the second is a delivery again.
-            outcomes.append((job_id, job_id > before and job.event_token not in seen))
-            seen.add(job.event_token)
-        return outcomes
+        return ids, {token for token, job_id in ids.items() if job_id > before}
 
     return insert_all
 

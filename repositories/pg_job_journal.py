@@ -5,7 +5,6 @@ them. Claims still take `FOR UPDATE SKIP LOCKED` and a lease, so that two claime
 the same job even for the moment when leadership changes hands.
 """
 
-import asyncio
 import logging
 import time
 from collections.abc import Sequence
@@ -17,6 +16,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
+from repositories.grouped_adds import GroupedAdds
 from repositories.job_journal import RETRYING_AFTER, Job, JobState, NewJob, job_from_row, robot_run
 from repositories.postgres import failure, with_retry
 from schemas import QueueStats, RobotRun
@@ -29,8 +29,7 @@ class PostgresJobJournal:
     def __init__(self, pool: AsyncConnectionPool[Any]) -> None:
         self._pool = pool
         # Group commit: the calls that arrive while an insert is in flight go in the next one.
-        self._waiting: list[tuple[NewJob, asyncio.Future[tuple[int, bool]]]] = []
-        self._inserting: asyncio.Task[None] | None = None
+        self._adds = GroupedAdds(lambda jobs: with_retry(self._pool, partial(_insert_many, jobs=jobs)))
 
     async def add(self, job: NewJob) -> tuple[int, bool]:
         """Store the job before the call's 200; concurrent calls share one statement and one commit.
@@ -39,35 +38,7 @@ class PostgresJobJournal:
         multi-row INSERT for all the calls that came in meanwhile keeps the cost per call low under
         load, and adds nothing when calls come one at a time.
         """
-        done: asyncio.Future[tuple[int, bool]] = asyncio.get_running_loop().create_future()
-        self._waiting.append((job, done))
-        if self._inserting is None or self._inserting.done():
-            self._inserting = asyncio.create_task(self._insert_waiting())
-        return await done
-
-    async def _insert_waiting(self) -> None:
-        while self._waiting:
-            # One more turn of the event loop before the group is closed: the calls whose bytes
-            # arrived meanwhile join it. It costs no wall time when the app is idle, and under load
-            # it doubles the group (about 7 to about 15 calls with 16 connections per instance),
-            # which halves the statements per call, so the CPU per call of the app and the server.
-            await asyncio.sleep(0)
-            batch, self._waiting = self._waiting, []
-            try:
-                ids = await with_retry(self._pool, partial(_insert_many, jobs=[job for job, _ in batch]))
-            except BaseException as exc:  # every waiting call learns of it (503), none is left hanging
-                for _, done in batch:
-                    if not done.done():
-                        done.set_exception(exc if isinstance(exc, Exception) else RuntimeError("shut down"))
-                if not isinstance(exc, Exception):
-                    raise
-                continue
-            seen: set[str] = set()
-            for job, done in batch:
-                created = job.event_token in ids[1] and job.event_token not in seen
-                seen.add(job.event_token)
-                if not done.done():
-                    done.set_result((ids[0][job.event_token], created))
+        return await self._adds.add(job)
 
     async def claim(self, limit: int, lease_seconds: float) -> list[Job]:
         now = time.time()
