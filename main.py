@@ -218,9 +218,10 @@ def _wants_html(request: Request) -> bool:
     return "text/html" in request.headers.get("accept", "")
 
 
-def _error_response(request: Request, status: int, code: str, detail: str) -> Response:
-    # 408: the rest of the body may still be on its way, so the connection cannot be reused.
-    headers = {"Connection": "close"} if status == 408 else None
+def _error_response(
+    request: Request, status: int, code: str, detail: str, *, close: bool = False
+) -> Response:
+    headers = {"Connection": "close"} if close else None
     if _wants_html(request):
         page = pages.message_page("Request refused", detail, ok=False)
         return HTMLResponse(page, status_code=status, headers=headers)
@@ -233,7 +234,7 @@ def register_exception_handlers(app: FastAPI) -> None:
     async def app_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, AppError)
         logger.warning("Refused %s %s: %s (%s)", request.method, request.url.path, exc.message, exc.code)
-        return _error_response(request, exc.status_code, exc.code, exc.message)
+        return _error_response(request, exc.status_code, exc.code, exc.message, close=exc.close_connection)
 
     async def validation_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)

@@ -47,6 +47,7 @@ class AppError(Exception):
 
     status_code = 400
     code = ErrorCode.BAD_REQUEST
+    close_connection = False  # the rest of the request may still be on its way: do not reuse
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -70,6 +71,7 @@ class UnsupportedMediaType(BadRequest):
 class RequestTimeout(BadRequest):
     status_code = 408
     code = ErrorCode.REQUEST_TIMEOUT
+    close_connection = True
 
 
 class InvalidOAuthState(AppError):
