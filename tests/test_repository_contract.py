@@ -172,6 +172,18 @@ async def test_concurrent_adds_store_each_event_token_once(stores: Backend) -> N
     assert await stores.journal.due_count(100) == 20
 
 
+async def test_a_group_larger_than_one_statement_stores_every_call(stores: Backend) -> None:
+    # 300 calls at once: more rows than one INSERT carries; some already stored, some twice.
+    await asyncio.gather(*(stores.journal.add(new_job(f"old{i}")) for i in range(5)))
+    tokens = [f"new{i}" for i in range(290)] + [f"old{i}" for i in range(5)] + [f"new{i}" for i in range(5)]
+    results = await asyncio.gather(*(stores.journal.add(new_job(token)) for token in tokens))
+    ids = dict(zip(tokens, (job_id for job_id, _ in results), strict=True))
+    assert sum(created for _, created in results) == 290
+    assert len(set(ids.values())) == 295
+    claimed = await stores.journal.claim(400, 60)
+    assert {job.id: job.event_token for job in claimed} == {job_id: token for token, job_id in ids.items()}
+
+
 async def test_journal_life_cycle(stores: Backend) -> None:
     ids = [(await stores.journal.add(new_job(f"t{i}")))[0] for i in range(3)]
     assert await stores.journal.due_count(10) == 3
