@@ -8,6 +8,7 @@ registered here and replaced wherever it shows up, in messages, URLs and traceba
 import logging
 import re
 import sys
+import time
 from collections import OrderedDict
 from contextvars import ContextVar
 from typing import TextIO
@@ -40,7 +41,7 @@ _MIN_SECRET = 8
 # change: one search in C per line instead of a loop over up to 256 values.
 _known: re.Pattern[str] | None = None
 # Every secret shape above needs one of these characters; a line without them skips the regexes.
-_SHAPE_CHARS = ("=", ":", "|", "%")
+_SHAPE_CHARS = re.compile(r"[=:|%]")
 
 
 def register_secret(*values: str | None) -> None:
@@ -70,7 +71,7 @@ def _mask_known(text: str) -> str:
 def redact(text: str) -> str:
     """The text with every known secret and every secret-shaped `key=value` masked."""
     text = _mask_known(text)
-    if not any(char in text for char in _SHAPE_CHARS):
+    if _SHAPE_CHARS.search(text) is None:
         return text
     text = _EVENT_TOKEN.sub(MASK, text)
     text = _BRACKETED.sub(rf"\1{MASK}", text)
@@ -91,6 +92,21 @@ class RedactingFormatter(logging.Formatter):
     from a request; a traceback keeps its own line breaks.
     """
 
+    def __init__(self, fmt: str) -> None:
+        super().__init__(fmt)
+        self._stamp = (-1, "")  # (second, its text): one tuple, so threads never see half of it
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        """The default `2026-11-28 14:30:56,123`, with the date and time worked out once a second."""
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        second, text = self._stamp
+        if second != int(record.created):
+            second = int(record.created)
+            text = time.strftime(self.default_time_format, self.converter(record.created))
+            self._stamp = (second, text)
+        return f"{text},{int(record.msecs):03d}"
+
     def format(self, record: logging.LogRecord) -> str:
         record.context = _context()
         line = super().format(record)
@@ -103,8 +119,13 @@ class RedactingFormatter(logging.Formatter):
 
 
 def _context() -> str:
-    parts = [f"req={request_id_var.get()}", f"portal={portal_var.get()}", f"wf={workflow_var.get()}"]
-    return _mask_known(escape_controls(" ".join(part for part in parts if not part.endswith("=-"))))
+    request, portal, workflow = request_id_var.get(), portal_var.get(), workflow_var.get()
+    parts = "req=" + request if request != "-" else ""
+    if portal != "-":
+        parts += " portal=" + portal if parts else "portal=" + portal
+    if workflow != "-":
+        parts += " wf=" + workflow if parts else "wf=" + workflow
+    return _mask_known(escape_controls(parts))
 
 
 _FORMAT = "%(asctime)s %(levelname)-7s %(name)s [%(context)s] %(message)s"

@@ -169,3 +169,14 @@ def test_configure_logging_twice_keeps_one_handler(log_stream: io.StringIO) -> N
 
     assert second.getvalue().count("once") == 1
     assert "once" not in log_stream.getvalue()
+
+
+def test_the_time_stamp_is_the_standard_one_and_follows_the_clock() -> None:
+    # The formatter works the date out once a second; each line must still show its own time.
+    from services.observability import _FORMAT, RedactingFormatter
+
+    ours, standard = RedactingFormatter(_FORMAT), logging.Formatter(_FORMAT)
+    for created in (1795877220.004, 1795877220.999, 1795877221.5, 1795877220.25, 1795880000.0):
+        record = logging.LogRecord("x", logging.INFO, __file__, 1, "m", None, None)
+        record.created, record.msecs = created, (created - int(created)) * 1000
+        assert ours.formatTime(record) == standard.formatTime(record)
