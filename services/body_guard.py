@@ -63,32 +63,63 @@ def _declared_length(scope: Scope) -> int | None:
 
 
 class _GuardedBody:
-    """One request's `receive`, with the deadline and, for a large body, a slot."""
+    """One request's `receive`, with the deadline and, for a large body, a slot.
+
+    One timer per request, armed at the first `receive()`: cheaper than an `asyncio.timeout_at`
+    around every `receive()`, which cost as much as the rest of this middleware together. When it
+    fires, a `receive()` still waiting is cancelled and raises `RequestTimeout`, as is any later one.
+    """
 
     def __init__(self, receive: Receive, limits: BodyLimits, deadline: float, large: bool) -> None:
         self._receive, self._limits, self._deadline, self._large = receive, limits, deadline, large
         self._slot_held = False
         self._done = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._waiting: asyncio.Task[Any] | None = None  # the task inside `receive()`, if any
+        self._expired = False
         if large:
             limits.large_started()
 
     async def receive(self) -> Message:
         if self._done:  # after the body: a disconnect, which may take as long as it takes
             return await self._receive()
+        if self._expired:
+            raise self._timeout()
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_at(self._deadline, self._expire)
+        task = self._waiting = asyncio.current_task()
+        assert task is not None
+        cancelling = task.cancelling()
         try:
-            async with asyncio.timeout_at(self._deadline):
-                if self._large and not self._slot_held:
-                    await self._limits.large.acquire()
-                    self._slot_held = True
-                message = await self._receive()
-        except TimeoutError:
-            seconds = self._limits.timeout_seconds
-            raise RequestTimeout(f"The request body was not delivered within {seconds:g} seconds.") from None
+            if self._large and not self._slot_held:
+                await self._limits.large.acquire()
+                self._slot_held = True
+            message = await self._receive()
+        except asyncio.CancelledError:
+            # As asyncio.timeout does: our own cancel becomes the timeout; anyone else's stands.
+            if self._expired and task.uncancel() <= cancelling:
+                raise self._timeout() from None
+            raise
+        finally:
+            self._waiting = None
         self._done = message["type"] != "http.request" or not message.get("more_body", False)
+        if self._done:
+            self._timer.cancel()
         return message
+
+    def _expire(self) -> None:
+        self._expired = True
+        if self._waiting is not None:
+            self._waiting.cancel()
+
+    def _timeout(self) -> RequestTimeout:
+        seconds = self._limits.timeout_seconds
+        return RequestTimeout(f"The request body was not delivered within {seconds:g} seconds.")
 
     def release(self) -> None:
         """Called when the request ends: its body (parsed or not) is no longer held."""
+        if self._timer is not None:
+            self._timer.cancel()
         if self._slot_held:
             self._slot_held = False
             self._limits.large.release()
