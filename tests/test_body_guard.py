@@ -1,6 +1,7 @@
 """The body guard's deadline, in process: a late body times out, anyone else's cancel stands."""
 
 import asyncio
+from collections.abc import MutableMapping
 from typing import Any
 
 import pytest
@@ -25,7 +26,7 @@ async def run_app(limits: BodyLimits, receive: Any, reads: int = 1) -> list[Mess
         for _ in range(reads):
             got.append(await receive())
 
-    async def send(message: Message) -> None:
+    async def send(message: MutableMapping[str, Any]) -> None:
         pass
 
     await BodyGuardMiddleware(app)(scope(limits), receive, send)
