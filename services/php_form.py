@@ -31,28 +31,28 @@ _SPACE = frozenset(" \t\n\v\f\r")
 _INT_KEY = re.compile(r"0|-?[1-9][0-9]{0,18}")
 _LONG = (-(2**63), 2**63 - 1)
 _NUMERIC = frozenset("-0123456789")  # how an index that may be an integer key starts
-# PHP keeps a `%` without two hex digits as it is; `urlencode()` never writes one, so no portal does.
-_BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+_BAD_ESCAPE = "The form has a '%' that is not followed by two hex digits."
 
 
 class _Array(dict[str, Any]):
     """A PHP array while it is built: string keys, and PHP's next free integer key for `[]`."""
 
-    __slots__ = ("budget", "next_index")
+    __slots__ = ("budget", "nested", "next_index")
 
     def __init__(self, budget: int = 0) -> None:
         super().__init__()
         self.next_index = _LONG[0]  # PHP 8.3: no integer key yet
         self.budget = budget  # on the root only: bracket levels the rest of the body may use
+        self.nested = False  # whether an array was ever put in it: only then has `_listify` to look
 
     def put(self, key: str | None, value: Any) -> None:
         if key is None:  # `a[]=x` appends at the next free integer key
             index = 0 if self.next_index == _LONG[0] else self.next_index
             key = str(index)
             self.next_index = index + 1
-        elif key[:1] in _NUMERIC and _INT_KEY.fullmatch(key):
-            number = int(key)
-            if _LONG[0] <= number <= _LONG[1] and number >= self.next_index:
+        elif key[:1] in _NUMERIC:
+            number = _integer(key)
+            if number is not None and number >= self.next_index:
                 self.next_index = number + 1
         self[key] = value
 
@@ -62,7 +62,18 @@ class _Array(dict[str, Any]):
         if not isinstance(node, _Array):
             node = _Array()
             self.put(key, node)
+            self.nested = True
         return node
+
+
+@lru_cache(maxsize=2048)
+def _integer(key: str) -> int | None:
+    """The key as PHP's integer key, if it is one (`ZEND_HANDLE_NUMERIC_STR`); cached like `_key`."""
+    if _INT_KEY.fullmatch(key):
+        number = int(key)
+        if _LONG[0] <= number <= _LONG[1]:
+            return number
+    return None
 
 
 def parse_php_form(body: bytes | str) -> dict[str, Any]:
@@ -74,66 +85,71 @@ def parse_php_form(body: bytes | str) -> dict[str, Any]:
     raw = body.encode("utf-8") if isinstance(body, str) else body
     _check_size(raw)
     root = _Array(MAX_INDEXES)
-    for key, value in _fields(raw):
+    for key, _, value in _fields(raw):
         if len(key) > MAX_KEY_BYTES:
             raise PayloadTooLarge(f"A form field name is longer than {MAX_KEY_BYTES} bytes.")
         path = _key(key)
         if path is None:
             continue
-        name, indexes = path
-        if not indexes:
-            root[name] = value  # a plain name: never appended to at the top level
-        elif len(indexes) == 1 and indexes[0] and indexes[0][0] not in _NUMERIC:
+        name, indexes, text_index = path
+        if text_index is not None:
             # `auth[domain]`, `properties[phone]`: most of a portal's keys, inlined for speed.
             root.budget -= 1
             node = root.get(name)
             if node.__class__ is not _Array:
                 node = root.child(name)
-            node[indexes[0]] = value
+            node[text_index] = value
+        elif not indexes:
+            root[name] = value  # a plain name: never appended to at the top level
         else:
-            _register(root, path, value)
+            _register(root, name, indexes, value)
     if root.budget < 0:
         raise PayloadTooLarge(f"The form's keys nest more than {MAX_INDEXES} bracket levels in all.")
     # The top level stays a mapping even for `0=a&1=b`: callers look keys up in it.
     return {key: _listify(value) if value.__class__ is _Array else value for key, value in root.items()}
 
 
-def _fields(raw: bytes) -> list[tuple[str, str]]:
-    """The decoded (name, value) pairs, split on `&` and then on the first `=`, as PHP does."""
+def _fields(raw: bytes) -> list[tuple[str, str, str]]:
+    """The decoded (name, `=`, value) triples, split on `&` and then on the first `=`, as PHP does."""
     if b"%26" in raw or b"%3D" in raw or b"%3d" in raw:
         # An escaped `&` or `=`: split first, then decode each half.
         pairs = (pair.partition(b"=") for pair in raw.split(b"&") if pair)
-        return [(_decode(key), _decode(value)) for key, _, value in pairs]
+        return [(_decode(key), "=", _decode(value)) for key, _, value in pairs]
     # No escaped separator (a portal's usual body): decoding first splits the same, in one C pass.
-    pieces = (piece.partition("=") for piece in _decode(raw).split("&") if piece)
-    return [(key, value) for key, _, value in pieces]
+    # An empty piece (`a=1&&b=2`) has an empty name, which `_key` skips as PHP skips the piece.
+    return [piece.partition("=") for piece in _decode(raw).split("&")]
 
 
 def _check_size(raw: bytes) -> None:
     """Refuse what no portal sends, before any parsing: each check is one scan in C."""
     if raw.count(b"&") >= MAX_FIELDS:
         raise PayloadTooLarge(f"The form has more than {MAX_FIELDS} fields (PHP's max_input_vars).")
-    escapes = raw.count(b"%")
-    if escapes > MAX_ESCAPES:
+    if raw.count(b"%") > MAX_ESCAPES:
         raise PayloadTooLarge(f"The form has more than {MAX_ESCAPES} percent-escapes.")
-    if escapes and _BAD_ESCAPE.search(raw):
-        raise BadRequest("The form has a '%' that is not followed by two hex digits.")
 
 
 def _decode(raw: bytes) -> str:
-    """`php_url_decode`: `+` is a space and `%XX` a byte; then UTF-8, as the portal sends it."""
+    """`php_url_decode`: `+` is a space and `%XX` a byte; then UTF-8, as the portal sends it.
+
+    Raises:
+        BadRequest: a `%` without two hex digits. PHP keeps it as it is, but `urlencode()` never
+            writes one, so no portal does.
+    """
     if b"+" in raw:
         raw = raw.replace(b"+", b" ")
     if b"%" in raw:
         # `%XX` -> `\xXX`, decoded by the C codec: an order of magnitude faster than a loop over
-        # the escapes. Backslashes are doubled first so that only our escapes are escapes.
-        raw = codecs.escape_decode(raw.replace(b"\\", b"\\\\").replace(b"%", b"\\x"))[0]
+        # the escapes. Backslashes are doubled first so that only our escapes are escapes, and
+        # so the codec's only possible complaint is an `\x` without two hex digits.
+        try:
+            raw = codecs.escape_decode(raw.replace(b"\\", b"\\\\").replace(b"%", b"\\x"))[0]
+        except ValueError:
+            raise BadRequest(_BAD_ESCAPE) from None
     return raw.decode("utf-8", "replace")
 
 
-def _register(root: _Array, path: tuple[str, tuple[str | None, ...]], value: str) -> None:
-    """`php_register_variable_ex` for a key with brackets, such as `auth[domain]`."""
-    name, indexes = path
+def _register(root: _Array, name: str, indexes: tuple[str | None, ...], value: str) -> None:
+    """`php_register_variable_ex` for a key with brackets, such as `document_id[0]`."""
     if indexes is _TOO_DEEP:  # nested beyond PHP's limit: PHP drops the whole variable
         root.pop(name, None)
         return
@@ -150,12 +166,25 @@ _TOO_DEEP: tuple[str | None, ...] = (None,) * (MAX_NESTING + 1)
 
 
 @lru_cache(maxsize=2048)
-def _key(key: str) -> tuple[str, tuple[str | None, ...]] | None:
+def _key(key: str) -> tuple[str, tuple[str | None, ...], str | None] | None:
     """The variable name and bracket indexes of a decoded key, as PHP reads them; None to skip it.
 
+    The third item is the index of a key with one index that is not an integer key
+    (`auth[domain]`): such a key needs none of PHP's integer-key rules.
     Cached: a portal sends the same few dozen keys in every call. Bounded, so any key costs at
     most one parse of at most `MAX_KEY_BYTES`.
     """
+    path = _brackets(key)
+    if path is None:
+        return None
+    name, indexes = path
+    only = indexes[0] if len(indexes) == 1 else None
+    text_index = only if only and only[0] not in _NUMERIC else None
+    return name, indexes, text_index
+
+
+def _brackets(key: str) -> tuple[str, tuple[str | None, ...]] | None:
+    """The variable name and bracket indexes of a key; None when PHP skips the key."""
     if "\0" in key:  # PHP reads the name as a C string
         key = key[: key.index("\0")]
     key = key.lstrip(" ")
@@ -208,9 +237,10 @@ def _listify(node: Any) -> Any:
     """
     if not isinstance(node, _Array):
         return node
-    for key, value in node.items():
-        if isinstance(value, _Array):
-            node[key] = _listify(value)
+    if node.nested:
+        for key, value in node.items():
+            if isinstance(value, _Array):
+                node[key] = _listify(value)
     size = len(node)
     # The next free index is n exactly when the largest integer key is n-1; only then can the
     # n distinct keys be 0..n-1, which the check below confirms.
