@@ -95,7 +95,7 @@ class Settings(BaseSettings):
     @property
     def portal_host(self) -> str | None:
         """Host (with port) of the configured portal, e.g. `example.bitrix24.ru`."""
-        return urlsplit(self.bitrix_portal_url).netloc.lower() if self.bitrix_portal_url else None
+        return _host(self.bitrix_portal_url) if self.bitrix_portal_url else None
 
     def missing(self) -> list[str]:
         """Names of the settings without which the portal cannot be connected."""
@@ -118,3 +118,9 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """The process-wide settings; tests override this dependency."""
     return Settings()
+
+
+@lru_cache(maxsize=64)
+def _host(url: str) -> str:
+    # Every robot call checks its portal against this: worked out once per URL, not per call.
+    return urlsplit(url).netloc.lower()

@@ -88,6 +88,7 @@ class JsonTokenStore:
 
     def __init__(self, path: Path, cipher: TokenCipher | None = None) -> None:
         self._path = path
+        self._file = str(path)
         self._cipher = cipher or TokenCipher(None)
         self._write_lock_path = path.with_name(path.name + ".lock")
         self._thread_lock = threading.Lock()
@@ -116,7 +117,7 @@ class JsonTokenStore:
         cache = self._cache
         if not fresh and cache is not None:
             try:
-                stat = self._path.stat()
+                stat = os.stat(self._file)  # a str: Path.stat() costs as much again in Python
             except FileNotFoundError:
                 stat = None
             if stat is not None and cache[0] == (stat.st_mtime_ns, stat.st_size):
