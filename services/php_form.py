@@ -14,7 +14,9 @@ then split; key parses are cached.
 
 import codecs
 import re
+from collections.abc import Iterable
 from functools import lru_cache
+from itertools import repeat
 from typing import Any
 
 from services.errors import BadRequest, PayloadTooLarge
@@ -86,9 +88,7 @@ def parse_php_form(body: bytes | str) -> dict[str, Any]:
     _check_size(raw)
     root = _Array(MAX_INDEXES)
     for key, _, value in _fields(raw):
-        if len(key) > MAX_KEY_BYTES:
-            raise PayloadTooLarge(f"A form field name is longer than {MAX_KEY_BYTES} bytes.")
-        path = _key(key)
+        path = _key(key)  # refuses a key longer than MAX_KEY_BYTES
         if path is None:
             continue
         name, indexes, text_index = path
@@ -109,7 +109,7 @@ def parse_php_form(body: bytes | str) -> dict[str, Any]:
     return {key: _listify(value) if value.__class__ is _Array else value for key, value in root.items()}
 
 
-def _fields(raw: bytes) -> list[tuple[str, str, str]]:
+def _fields(raw: bytes) -> Iterable[tuple[str, str, str]]:
     """The decoded (name, `=`, value) triples, split on `&` and then on the first `=`, as PHP does."""
     if b"%26" in raw or b"%3D" in raw or b"%3d" in raw:
         # An escaped `&` or `=`: split first, then decode each half.
@@ -117,7 +117,7 @@ def _fields(raw: bytes) -> list[tuple[str, str, str]]:
         return [(_decode(key), "=", _decode(value)) for key, _, value in pairs]
     # No escaped separator (a portal's usual body): decoding first splits the same, in one C pass.
     # An empty piece (`a=1&&b=2`) has an empty name, which `_key` skips as PHP skips the piece.
-    return [piece.partition("=") for piece in _decode(raw).split("&")]
+    return map(str.partition, _decode(raw).split("&"), repeat("="))
 
 
 def _check_size(raw: bytes) -> None:
@@ -172,8 +172,10 @@ def _key(key: str) -> tuple[str, tuple[str | None, ...], str | None] | None:
     The third item is the index of a key with one index that is not an integer key
     (`auth[domain]`): such a key needs none of PHP's integer-key rules.
     Cached: a portal sends the same few dozen keys in every call. Bounded, so any key costs at
-    most one parse of at most `MAX_KEY_BYTES`.
+    most one parse of at most `MAX_KEY_BYTES`; a longer one is refused (and never cached).
     """
+    if len(key) > MAX_KEY_BYTES:
+        raise PayloadTooLarge(f"A form field name is longer than {MAX_KEY_BYTES} bytes.")
     path = _brackets(key)
     if path is None:
         return None
