@@ -152,8 +152,16 @@ _ROW_VALUES = 10  # the columns above, from `_row`
 # Rows per statement: 1 + 64 * 10 parameters stay below 999, the smallest limit any SQLite has
 # had (SQLITE_MAX_VARIABLE_NUMBER), and a group of 32 connections' calls fits in one.
 _ROWS_PER_INSERT = 64
-# The ids of tokens the insert did not return (already stored, or twice in the group).
-_IDS = "SELECT event_token, id FROM jobs WHERE event_token IN (SELECT value FROM json_each(?))"
+# Each answers in one row, so in one step: Python's sqlite3 lets go of the GIL for every step
+# (every row) and then has to win it back from the busy event loop.
+_TOKENS_BETWEEN = (
+    "SELECT json_group_array(event_token) FROM"
+    " (SELECT event_token FROM jobs WHERE id BETWEEN ? AND ? ORDER BY id)"
+)
+_IDS = (
+    "SELECT json_group_array(json_array(event_token, id)) FROM jobs"
+    " WHERE event_token IN (SELECT value FROM json_each(?))"
+)
 
 
 @lru_cache(maxsize=_ROWS_PER_INSERT)
@@ -163,7 +171,7 @@ def _insert_sql(rows: int) -> str:
     A group is one statement with bound values, not one per row (each statement lets go of the
     GIL and has to win it back from the busy event loop) nor one over a JSON array (SQLite then
     parses every row's JSON once per column: twice the CPU, measured in the journal's thread).
-    RETURNING names the rows this statement created; a token already stored is skipped.
+    A token already stored is skipped. No RETURNING: it answers a row per step (see `_IDS`).
     """
     places = (
         ",".join(f"?{2 + row * _ROW_VALUES + column}" for column in range(_ROW_VALUES)) for row in range(rows)
@@ -172,7 +180,7 @@ def _insert_sql(rows: int) -> str:
     # Only numbered placeholders and our own column names go into the text: nothing from a call.
     return (
         f"INSERT INTO jobs ({_NEW_COLUMNS}, state, next_attempt_at, created_at, updated_at)"  # noqa: S608
-        f" VALUES {values} ON CONFLICT(event_token) DO NOTHING RETURNING event_token, id"
+        f" VALUES {values} ON CONFLICT(event_token) DO NOTHING"
     )
 
 
@@ -319,17 +327,35 @@ def _inserter(jobs: list[NewJob]) -> Callable[[sqlite3.Connection], Stored]:
     def insert_all(conn: sqlite3.Connection) -> Stored:
         now = time.time()
         ids: dict[str, int] = {}
+        created: set[str] = set()
         for start in range(0, len(rows), _ROWS_PER_INSERT):
             chunk = rows[start : start + _ROWS_PER_INSERT]
-            params = [now, *(value for row in chunk for value in row)]
-            ids.update(conn.execute(_insert_sql(len(chunk)), params).fetchall())
-        created = set(ids)
-        missing = [job.event_token for job in jobs if job.event_token not in ids]
-        if missing:
-            ids.update(conn.execute(_IDS, (json.dumps(missing),)).fetchall())
+            tokens = [row[0] for row in chunk]
+            cursor = conn.execute(_insert_sql(len(chunk)), [now, *(value for row in chunk for value in row)])
+            inserted, last = cursor.rowcount, cursor.lastrowid
+            if inserted == len(chunk) and last is not None and _numbered_in_order(conn, tokens, last):
+                ids.update(zip(tokens, range(last - inserted + 1, last + 1), strict=True))
+                created.update(tokens)
+                continue
+            # Some were stored already (or twice in the chunk): look their ids up. The rows this
+            # statement inserted have the ids after those before it (AUTOINCREMENT, write lock held).
+            found: dict[str, int] = dict(json.loads(conn.execute(_IDS, (json.dumps(tokens),)).fetchone()[0]))
+            ids.update(found)
+            if inserted > 0 and last is not None:
+                created.update(token for token, job_id in found.items() if job_id > last - inserted)
         return ids, created
 
     return insert_all
+
+
+def _numbered_in_order(conn: sqlite3.Connection, tokens: list[str], last: int) -> bool:
+    """Whether the ids up to `last` belong to `tokens`, one each, in their order.
+
+    A multi-row INSERT numbers its rows in order in practice, but SQLite does not promise it, so
+    it is checked (one step) before the ids are taken as given; if not, they are looked up.
+    """
+    stored = conn.execute(_TOKENS_BETWEEN, (last - len(tokens) + 1, last)).fetchone()[0]
+    return bool(json.loads(stored) == tokens)
 
 
 def _row(job: NewJob) -> tuple[Any, ...]:
