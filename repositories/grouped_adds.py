@@ -23,13 +23,18 @@ class GroupedAdds:
         self._insert = insert
         self._waiting: list[tuple[NewJob, asyncio.Future[tuple[int, bool]]]] = []
         self._storing: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop of the group under way
 
     async def add(self, job: "NewJob") -> tuple[int, bool]:
         """(id, created) once the job is stored: on disk, or committed, when this returns."""
-        done: asyncio.Future[tuple[int, bool]] = asyncio.get_running_loop().create_future()
-        self._waiting.append((job, done))
         if self._storing is None or self._storing.done():
-            self._storing = asyncio.create_task(self._store_waiting())
+            # Looked up once a group, not once a call: on Python 3.11 every get_running_loop()
+            # is a getpid() system call (CPython checks for a fork), four of them a robot call.
+            self._loop = asyncio.get_running_loop()
+            self._storing = self._loop.create_task(self._store_waiting())
+        assert self._loop is not None
+        done: asyncio.Future[tuple[int, bool]] = self._loop.create_future()
+        self._waiting.append((job, done))
         return await done
 
     async def _store_waiting(self) -> None:

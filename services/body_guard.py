@@ -33,6 +33,9 @@ class BodyLimits:
     """The deadline and the slots for large bodies; one per app, made in the lifespan."""
 
     def __init__(self, timeout_seconds: float, large_slots: int = LARGE_BODY_SLOTS) -> None:
+        # Made in the lifespan, on the app's loop. Kept: on Python 3.11 every get_running_loop()
+        # is a getpid() system call (CPython checks for a fork), and each request needs the loop.
+        self.loop = asyncio.get_running_loop()
         self.timeout_seconds = timeout_seconds
         self.large = asyncio.Semaphore(large_slots)
         self._large_requests = 0
@@ -45,7 +48,7 @@ class BodyLimits:
         """When the last large body is gone, give its memory back to the system (once, shortly)."""
         self._large_requests -= 1
         if self._large_requests == 0 and self._trim is None and _LIBC is not None:
-            self._trim = asyncio.get_running_loop().call_later(TRIM_DELAY_SECONDS, self._trim_now)
+            self._trim = self.loop.call_later(TRIM_DELAY_SECONDS, self._trim_now)
 
     def _trim_now(self) -> None:
         self._trim = None
@@ -86,8 +89,8 @@ class _GuardedBody:
         if self._expired:
             raise self._timeout()
         if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_at(self._deadline, self._expire)
-        task = self._waiting = asyncio.current_task()
+            self._timer = self._limits.loop.call_at(self._deadline, self._expire)
+        task = self._waiting = asyncio.current_task(self._limits.loop)
         assert task is not None
         cancelling = task.cancelling()
         try:
@@ -139,7 +142,7 @@ class BodyGuardMiddleware:
         if limits is None or declared == 0:
             await self.app(scope, receive, send)
             return
-        deadline = asyncio.get_running_loop().time() + limits.timeout_seconds
+        deadline = limits.loop.time() + limits.timeout_seconds
         # No Content-Length (chunked): the size is unknown, so it counts as large.
         body = _GuardedBody(receive, limits, deadline, declared is None or declared > LARGE_BODY_BYTES)
         try:
