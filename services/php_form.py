@@ -91,14 +91,17 @@ def parse_php_form(body: bytes | str) -> dict[str, Any]:
         path = _key(key)  # refuses a key longer than MAX_KEY_BYTES
         if path is None:
             continue
-        name, indexes, text_index = path
-        if text_index is not None:
-            # `auth[domain]`, `properties[phone]`: most of a portal's keys, inlined for speed.
+        name, indexes, index, number = path
+        if index is not None:
+            # One index, `auth[domain]` or `document_id[0]`: nearly all of a portal's keys, so
+            # `_register` and `_Array.put` are inlined here for speed.
             root.budget -= 1
             node = root.get(name)
             if node.__class__ is not _Array:
                 node = root.child(name)
-            node[text_index] = value
+            if number is not None and number >= node.next_index:
+                node.next_index = number + 1
+            node[index] = value
         elif not indexes:
             root[name] = value  # a plain name: never appended to at the top level
         else:
@@ -166,11 +169,11 @@ _TOO_DEEP: tuple[str | None, ...] = (None,) * (MAX_NESTING + 1)
 
 
 @lru_cache(maxsize=2048)
-def _key(key: str) -> tuple[str, tuple[str | None, ...], str | None] | None:
+def _key(key: str) -> tuple[str, tuple[str | None, ...], str | None, int | None] | None:
     """The variable name and bracket indexes of a decoded key, as PHP reads them; None to skip it.
 
-    The third item is the index of a key with one index that is not an integer key
-    (`auth[domain]`): such a key needs none of PHP's integer-key rules.
+    For a key with one non-empty index (`auth[domain]`, `document_id[0]`), the third item is that
+    index and the fourth its number if it is an integer key; otherwise both are None.
     Cached: a portal sends the same few dozen keys in every call. Bounded, so any key costs at
     most one parse of at most `MAX_KEY_BYTES`; a longer one is refused (and never cached).
     """
@@ -181,8 +184,9 @@ def _key(key: str) -> tuple[str, tuple[str | None, ...], str | None] | None:
         return None
     name, indexes = path
     only = indexes[0] if len(indexes) == 1 else None
-    text_index = only if only and only[0] not in _NUMERIC else None
-    return name, indexes, text_index
+    if not only:
+        return name, indexes, None, None
+    return name, indexes, only, _integer(only) if only[0] in _NUMERIC else None
 
 
 def _brackets(key: str) -> tuple[str, tuple[str | None, ...]] | None:
@@ -246,6 +250,15 @@ def _listify(node: Any) -> Any:
     size = len(node)
     # The next free index is n exactly when the largest integer key is n-1; only then can the
     # n distinct keys be 0..n-1, which the check below confirms.
-    if size and node.next_index == size and all(str(index) in node for index in range(size)):
-        return [node[str(index)] for index in range(size)]
+    if size and node.next_index == size:
+        keys, in_order = _index_keys(size)
+        if node.keys() == keys:
+            return [node[key] for key in in_order]
     return node
+
+
+@lru_cache(maxsize=64)
+def _index_keys(size: int) -> tuple[frozenset[str], tuple[str, ...]]:
+    """The keys "0".."size-1", as a set to compare with and in order."""
+    in_order = tuple(str(index) for index in range(size))
+    return frozenset(in_order), in_order
