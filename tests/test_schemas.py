@@ -5,7 +5,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from schemas import InstallEvent, RobotCall, UninstallEvent, parse_php_form
+from schemas import InstallEvent, RobotAck, RobotCall, UninstallEvent, parse_php_form
 from services.errors import AppError, BadRequest, PayloadTooLarge
 from services.php_form import MAX_ESCAPES, MAX_FIELDS, MAX_KEY_BYTES
 
@@ -281,3 +281,10 @@ def test_install_event_accepts_lower_case_event_name() -> None:
     data: dict[str, Any] = parse_php_form(INSTALL_BODY.replace("event=ONAPPINSTALL", "event=onappinstall"))
 
     assert InstallEvent.model_validate(data).event == "ONAPPINSTALL"
+
+
+@pytest.mark.parametrize("status", ["accepted", "duplicate"])
+@pytest.mark.parametrize("job_id", [0, 7, 2**62])
+def test_the_robot_reply_is_written_as_pydantic_writes_it(status: str, job_id: int) -> None:
+    ack = RobotAck.model_validate({"status": status, "job_id": job_id})
+    assert ack.json_bytes() == ack.model_dump_json().encode()
