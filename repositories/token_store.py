@@ -19,6 +19,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -33,6 +34,10 @@ from schemas import PortalTokens
 logger = logging.getLogger(__name__)
 
 _FORMAT_VERSION = 1
+# How long a read without `fresh` may go on trusting the cached file after it last checked it:
+# another process's write shows within this (the PostgreSQL store's copy lives 1 s). This
+# process's own writes show at once; a refresh reads `fresh` under its lock.
+CHECK_SECONDS = 0.25
 _LOCK_TIMEOUT = 30.0
 
 
@@ -93,6 +98,7 @@ class JsonTokenStore:
         self._write_lock_path = path.with_name(path.name + ".lock")
         self._thread_lock = threading.Lock()
         self._cache: tuple[tuple[int, int], Records] | None = None
+        self._checked_until = 0.0  # monotonic time until which the cache is trusted unchecked
         self._refresh_locks: dict[str, asyncio.Lock] = {}
         self._kept: dict[str, tuple[PortalTokens, TokenStoreError]] = {}  # rotated, not yet on disk
         self._held: dict[str, FileLock] = {}  # refresh locks held until the kept pair is on disk
@@ -112,15 +118,21 @@ class JsonTokenStore:
         return list(records.values())
 
     async def _records(self, fresh: bool) -> Records:
-        # Every robot call reads the store: an unchanged file is served from memory after one
-        # stat() (microseconds), without the thread hop that reading and parsing would need.
+        # Every robot call reads the store: an unchanged file is served from memory, checked with
+        # one stat() at most every CHECK_SECONDS, without the thread hop that reading and parsing
+        # would need. (A stat() per call was a system call that let the journal's thread take the
+        # GIL from the event loop, and 1-2 % of the loop's samples under load.)
         cache = self._cache
         if not fresh and cache is not None:
+            now = time.monotonic()
+            if now < self._checked_until:
+                return cache[1]
             try:
                 stat = os.stat(self._file)  # a str: Path.stat() costs as much again in Python
             except FileNotFoundError:
                 stat = None
             if stat is not None and cache[0] == (stat.st_mtime_ns, stat.st_size):
+                self._checked_until = now + CHECK_SECONDS
                 return cache[1]
         return await asyncio.to_thread(self._read, fresh)
 

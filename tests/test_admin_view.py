@@ -14,6 +14,7 @@ from asgi_lifespan import LifespanManager
 
 from config import get_settings
 from main import create_app
+from repositories.token_store import CHECK_SECONDS
 from schemas import RobotRun
 from services.handler_check import handler_warnings
 from services.messages import choose, from_accept_language
@@ -403,6 +404,7 @@ async def test_a_portal_without_a_stored_language_learns_it_from_the_frame(
     for record in tokens["portals"].values():
         record["language"] = None  # installed by a version that did not store it
     settings.token_file.write_text(json.dumps(tokens))
+    await asyncio.sleep(CHECK_SECONDS)  # written behind the app's back: seen within this
     member_id = next(iter(tokens["portals"]))
     frame_query = f"DOMAIN={tokens['portals'][member_id]['domain']}&PROTOCOL=0&LANG={portal_config.language}"
     body = (
@@ -423,6 +425,7 @@ async def test_status_page_says_when_the_portal_is_disconnected(
     for record in tokens["portals"].values():
         record["disconnected_reason"] = "The authorization server refused its refresh token (invalid_grant)."
     settings.token_file.write_text(json.dumps(tokens))
+    await asyncio.sleep(CHECK_SECONDS)  # written behind the app's back: seen within this
     query, frame = portal.iframe_install()
 
     page = await post_form(installed, f"/app?{query}", frame)

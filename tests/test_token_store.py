@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from repositories.token_store import JsonTokenStore, TokenStoreError
+from repositories.token_store import CHECK_SECONDS, JsonTokenStore, TokenStoreError
 from schemas import PortalTokens
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -98,6 +98,24 @@ async def test_write_by_another_store_is_seen_with_fresh(path: Path) -> None:
     fresh = await reader.get(_record().member_id, fresh=True)
     assert fresh is not None
     assert fresh.access_token == "second-and-longer"
+
+
+@pytest.mark.anyio
+async def test_write_by_another_store_is_seen_without_fresh_within_the_check_interval(path: Path) -> None:
+    # A robot call reads without `fresh`: the file is checked at most every CHECK_SECONDS.
+    reader, writer = JsonTokenStore(path), JsonTokenStore(path)
+    await writer.save(_record(access_token="first"))
+    assert (await reader.get(_record().member_id)) is not None
+    await writer.save(_record(access_token="second-and-longer"))
+    await asyncio.sleep(CHECK_SECONDS)
+    seen = await reader.get(_record().member_id)
+    assert seen is not None
+    assert seen.access_token == "second-and-longer"
+    # The reader's own write shows at once.
+    await reader.save(_record(access_token="third"))
+    own = await reader.get(_record().member_id)
+    assert own is not None
+    assert own.access_token == "third"
 
 
 @pytest.mark.anyio
