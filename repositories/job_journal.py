@@ -330,6 +330,10 @@ def _inserter(jobs: list[NewJob]) -> Callable[[sqlite3.Connection], Stored]:
         now = time.time()
         ids: dict[str, int] = {}
         created: set[str] = set()
+        # In the write transaction no one else inserts, so the rows stored now are exactly those
+        # above the highest id before (AUTOINCREMENT never reuses one). Not `lastrowid - rowcount`:
+        # a row skipped as a redelivery still uses up an id, so the new ids can have gaps.
+        before = conn.execute("SELECT coalesce(max(id), 0) FROM jobs").fetchone()[0]
         for start in range(0, len(rows), _ROWS_PER_INSERT):
             chunk = rows[start : start + _ROWS_PER_INSERT]
             tokens = [row[0] for row in chunk]
@@ -339,12 +343,10 @@ def _inserter(jobs: list[NewJob]) -> Callable[[sqlite3.Connection], Stored]:
                 ids.update(zip(tokens, range(last - inserted + 1, last + 1), strict=True))
                 created.update(tokens)
                 continue
-            # Some were stored already (or twice in the chunk): look their ids up. The rows this
-            # statement inserted have the ids after those before it (AUTOINCREMENT, write lock held).
+            # Some were stored already (or twice in the chunk): look their ids up.
             found: dict[str, int] = dict(json.loads(conn.execute(_IDS, (json.dumps(tokens),)).fetchone()[0]))
             ids.update(found)
-            if inserted > 0 and last is not None:
-                created.update(token for token, job_id in found.items() if job_id > last - inserted)
+            created.update(token for token, job_id in found.items() if job_id > before)
         return ids, created
 
     return insert_all

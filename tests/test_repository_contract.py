@@ -172,6 +172,19 @@ async def test_concurrent_adds_store_each_event_token_once(stores: Backend) -> N
     assert await stores.journal.due_count(100) == 20
 
 
+async def test_a_redelivery_between_new_calls_of_one_group_leaves_them_new(stores: Backend) -> None:
+    # A redelivered token in the middle of a group: SQLite's AUTOINCREMENT spends an id on the
+    # skipped row, so the new rows' ids are not consecutive. Both new calls are still new.
+    old_id, _ = await stores.journal.add(new_job("old"))
+    tokens = ["a", "old", "b", "x", "x", "c"]
+    results = await asyncio.gather(*(stores.journal.add(new_job(token)) for token in tokens))
+    assert [created for _, created in results] == [True, False, True, True, False, True]
+    assert results[1][0] == old_id
+    assert results[3][0] == results[4][0]
+    claimed = await stores.journal.claim(10, 60)
+    assert sorted(job.event_token for job in claimed) == ["a", "b", "c", "old", "x"]
+
+
 @pytest.mark.parametrize("ids_in_order", [True, False], ids=["numbered", "looked-up"])
 async def test_a_group_larger_than_one_statement_stores_every_call(
     stores: Backend, ids_in_order: bool, monkeypatch: pytest.MonkeyPatch
