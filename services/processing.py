@@ -340,6 +340,13 @@ class ProcessingService:
         """The authenticated call's fresh pair replaces a stored pair that no longer works."""
         if not auth.access_token or not auth.refresh_token:
             return record
+        # The copy that said "does not work" may be up to CHECK_SECONDS behind another process that
+        # has healed or refreshed the pair since; writing this call's pair over that one could
+        # bring back a refresh token the other process has already spent.
+        current = await self._tokens.get(record.member_id, fresh=True)
+        if current is not None and current.works:
+            return current
+        record = current or record
         register_secret(auth.access_token, auth.refresh_token)
         now = time.time()
         healed = record.model_copy(

@@ -147,3 +147,32 @@ async def test_a_pair_past_180_days_is_known_dead_and_the_first_robot_call_heals
     assert (await answer_for(portal, token))["return_values"]["error"] == ""
     assert _stored(settings, portal)["refresh_token"] == _call_pair(body)[1]
     assert (await _portal_status(installed))["portal_connected"] is True
+
+
+async def test_a_pair_another_process_just_healed_is_not_replaced(
+    installed: httpx.AsyncClient, portal: FakePortal, settings: Settings
+) -> None:
+    # This process still holds the record that says "disconnected" (read within CHECK_SECONDS)
+    # when another process heals the portal with the pair of its own robot call.
+    dead = _stored(settings, portal)["refresh_token"]
+    await eventually(lambda: not portal.refresh_token_alive(dead), what="the refresh token to expire")
+    portal.expire_access_tokens()
+    token, body = portal.robot_call_body(GOOD)
+    await post_form(installed, "/robot", body)
+    await answer_for(portal, token)
+    assert (await _portal_status(installed))["portal_connected"] is False
+
+    _, other = portal.robot_call_body(GOOD)
+    access, refresh = _call_pair(other)
+    data = json.loads(settings.token_file.read_text())
+    record = data["portals"][portal.config.member_id]
+    record.update(
+        access_token=access, refresh_token=refresh, disconnected_reason=None, updated_at=time.time()
+    )
+    settings.token_file.write_text(json.dumps(data))  # the other process's heal
+
+    token, body = portal.robot_call_body({**GOOD, "first_name": "Petr"})
+    assert (await post_form(installed, "/robot", body)).status_code == 200
+    stored = _stored(settings, portal)
+    assert (stored["access_token"], stored["refresh_token"]) == (access, refresh)
+    assert (await answer_for(portal, token))["return_values"]["error"] == ""
