@@ -83,10 +83,18 @@ class SqliteDatabase:
             try:
                 return work(self._conn)
             except (sqlite3.Error, OSError) as exc:
-                if self._conn.in_transaction:
-                    with suppress(sqlite3.Error):
-                        self._conn.execute("ROLLBACK")
+                self._roll_back()
                 raise self.error(exc) from exc
+            except BaseException:
+                # Any other failure in the middle of a transaction (a bug, a bad value) must not
+                # leave it open: every later BEGIN on this one connection would fail.
+                self._roll_back()
+                raise
+
+    def _roll_back(self) -> None:
+        if self._conn.in_transaction:
+            with suppress(sqlite3.Error):
+                self._conn.execute("ROLLBACK")
 
     async def run(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """`run_now` in a worker thread, off the event loop."""

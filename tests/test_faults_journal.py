@@ -10,7 +10,7 @@ import pytest
 
 from repositories.job_journal import NewJob, SqliteJobJournal
 from repositories.oauth_state_store import SqliteOAuthStateStore
-from repositories.sqlite_db import SqliteDatabase, open_database
+from repositories.sqlite_db import SqliteDatabase, open_database, transaction
 
 pytestmark = pytest.mark.anyio
 
@@ -94,3 +94,22 @@ async def test_a_new_leader_reclaims_every_lease_at_once(database: SqliteDatabas
     assert await journal.reclaim_leases() == 3
 
     assert len(await journal.claim(10, lease_seconds=3600)) == 3
+
+
+async def test_a_failure_that_is_no_storage_error_rolls_its_transaction_back(
+    database: SqliteDatabase,
+) -> None:
+    # Not an sqlite3 error (a bug, a bad value): the transaction must not stay open, or every
+    # later BEGIN on the one shared connection fails and the journal is stuck until a restart.
+    journal = SqliteJobJournal(database)
+
+    def half_done(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO health_probe (id, at) VALUES (1, 0)")
+        raise ValueError("a bug")
+
+    with pytest.raises(ValueError, match="a bug"):
+        await database.run(lambda conn: transaction(conn, half_done))
+    assert (await journal.add(NewJob("t1", "m", "w", "d", time.time() + 60, {})))[1] is True
+    assert (
+        await database.run(lambda conn: conn.execute("SELECT COUNT(*) FROM health_probe").fetchone()[0]) == 0
+    )
