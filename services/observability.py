@@ -108,7 +108,17 @@ class RedactingFormatter(logging.Formatter):
         return f"{text},{int(record.msecs):03d}"
 
     def format(self, record: logging.LogRecord) -> str:
-        record.context = _context()
+        record.context = context = _context()
+        if self._fmt == _FORMAT and not (record.exc_info or record.exc_text or record.stack_info):
+            # The usual line, built in one step: Formatter.format's generic steps (usesTime, the
+            # style's `%` over the record's whole __dict__) cost more than the line itself, and
+            # every robot call writes one (`_standard_format` gives the same; a test compares).
+            record.message = redact(escape_controls(record.getMessage()))
+            record.asctime = self.formatTime(record)
+            return f"{record.asctime} {record.levelname:<7} {record.name} [{context}] {record.message}"
+        return self._standard_format(record)
+
+    def _standard_format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
         # A traceback may have been rendered (and cached on the record) by another handler.
         return redact(line) if record.exc_text or record.stack_info else line

@@ -4,6 +4,7 @@ import io
 import logging
 import secrets
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -180,3 +181,28 @@ def test_the_time_stamp_is_the_standard_one_and_follows_the_clock() -> None:
         record = logging.LogRecord("x", logging.INFO, __file__, 1, "m", None, None)
         record.created, record.msecs = created, (created - int(created)) * 1000
         assert ours.formatTime(record) == standard.formatTime(record)
+
+
+@pytest.mark.parametrize(
+    ("message", "args"),
+    [
+        ("Robot call accepted as job %d", (42,)),
+        ("Refused %s: %s", ("POST /robot", "bad\nline\x1b[31m")),
+        ("token access_token=%s here", ("s6p6eclrvim6da22ft9ch94ekreb52lv",)),
+        ("plain", None),
+    ],
+)
+def test_the_usual_line_is_the_standard_formatters_line(message: str, args: Any) -> None:
+    # The formatter builds the usual line directly; it must equal what the standard path writes.
+    from services.observability import _FORMAT, RedactingFormatter, portal_var, request_id_var
+
+    formatter = RedactingFormatter(_FORMAT)
+    request_id_var.set("dd8c2ad85111")
+    portal_var.set("example.bitrix24.ru")
+    for level in (logging.INFO, logging.WARNING, logging.CRITICAL):
+        fast = logging.LogRecord("services.processing", level, __file__, 1, message, args, None)
+        slow = logging.LogRecord("services.processing", level, __file__, 1, message, args, None)
+        slow.created, slow.msecs = fast.created, fast.msecs
+        line = formatter.format(fast)
+        slow.context = getattr(fast, "context")  # noqa: B009  # set by format() before either path
+        assert line == formatter._standard_format(slow)
