@@ -4,7 +4,6 @@ from typing import Annotated, Any, TypedDict, TypeVar
 
 from fastapi import Depends, Request
 from pydantic import BaseModel, ValidationError
-from starlette.requests import ClientDisconnect
 
 from config import Settings, get_settings
 from schemas import (
@@ -59,25 +58,12 @@ async def read_form(request: Request) -> dict[str, Any]:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise PayloadTooLarge("The body is larger than 1 MB.")
-    return parse_php_form(await _body(request))
-
-
-async def _body(request: Request) -> bytes:
-    """The whole body, refused beyond 1 MB; read from `receive` as `Request.stream()` would, but
-    without its async generator (a portal's body comes in one message)."""
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnect()
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
             raise PayloadTooLarge("The body is larger than 1 MB.")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    return parse_php_form(bytes(body))
 
 
 FormDep = Annotated[dict[str, Any], Depends(read_form)]

@@ -154,12 +154,8 @@ _ROW_VALUES = 10  # the columns above, from `_row`
 # Rows per statement: 1 + 64 * 10 parameters stay below 999, the smallest limit any SQLite has
 # had (SQLITE_MAX_VARIABLE_NUMBER), and a group of 32 connections' calls fits in one.
 _ROWS_PER_INSERT = 64
-# Each answers in one row, so in one step: Python's sqlite3 lets go of the GIL for every step
+# Every token's id in one row, so in one step: Python's sqlite3 lets go of the GIL for every step
 # (every row) and then has to win it back from the busy event loop.
-_TOKENS_BETWEEN = (
-    "SELECT json_group_array(event_token) FROM"
-    " (SELECT event_token FROM jobs WHERE id BETWEEN ? AND ? ORDER BY id)"
-)
 _IDS = (
     "SELECT json_group_array(json_array(event_token, id)) FROM jobs"
     " WHERE event_token IN (SELECT value FROM json_each(?))"
@@ -328,38 +324,18 @@ def _inserter(jobs: list[NewJob]) -> Callable[[sqlite3.Connection], Stored]:
 
     def insert_all(conn: sqlite3.Connection) -> Stored:
         now = time.time()
-        ids: dict[str, int] = {}
-        created: set[str] = set()
         # In the write transaction no one else inserts, so the rows stored now are exactly those
-        # above the highest id before (AUTOINCREMENT never reuses one). Not `lastrowid - rowcount`:
-        # a row skipped as a redelivery still uses up an id, so the new ids can have gaps.
+        # above the highest id before (AUTOINCREMENT never reuses one; a row skipped as a
+        # redelivery may use one up, so the new ids can have gaps: they are looked up, not counted).
         before = conn.execute("SELECT coalesce(max(id), 0) FROM jobs").fetchone()[0]
         for start in range(0, len(rows), _ROWS_PER_INSERT):
             chunk = rows[start : start + _ROWS_PER_INSERT]
-            tokens = [row[0] for row in chunk]
-            cursor = conn.execute(_insert_sql(len(chunk)), [now, *(value for row in chunk for value in row)])
-            inserted, last = cursor.rowcount, cursor.lastrowid
-            if inserted == len(chunk) and last is not None and _numbered_in_order(conn, tokens, last):
-                ids.update(zip(tokens, range(last - inserted + 1, last + 1), strict=True))
-                created.update(tokens)
-                continue
-            # Some were stored already (or twice in the chunk): look their ids up.
-            found: dict[str, int] = dict(json.loads(conn.execute(_IDS, (json.dumps(tokens),)).fetchone()[0]))
-            ids.update(found)
-            created.update(token for token, job_id in found.items() if job_id > before)
-        return ids, created
+            conn.execute(_insert_sql(len(chunk)), [now, *(value for row in chunk for value in row)])
+        tokens = json.dumps([row[0] for row in rows])
+        ids: dict[str, int] = dict(json.loads(conn.execute(_IDS, (tokens,)).fetchone()[0]))
+        return ids, {token for token, job_id in ids.items() if job_id > before}
 
     return insert_all
-
-
-def _numbered_in_order(conn: sqlite3.Connection, tokens: list[str], last: int) -> bool:
-    """Whether the ids up to `last` belong to `tokens`, one each, in their order.
-
-    A multi-row INSERT numbers its rows in order in practice, but SQLite does not promise it, so
-    it is checked (one step) before the ids are taken as given; if not, they are looked up.
-    """
-    stored = conn.execute(_TOKENS_BETWEEN, (last - len(tokens) + 1, last)).fetchone()[0]
-    return bool(json.loads(stored) == tokens)
 
 
 def _row(job: NewJob) -> tuple[Any, ...]:
