@@ -328,16 +328,24 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-async def amend(tokens: TokenStore, member_id: str, changes: dict[str, Any]) -> PortalTokens | None:
+async def amend(
+    tokens: TokenStore,
+    member_id: str,
+    changes: dict[str, Any],
+    only_if: Callable[[PortalTokens], bool] | None = None,
+) -> PortalTokens | None:
     """Change a portal's fields beside its tokens (robot state, user, language); None if not stored.
 
     Under the refresh lock and from a fresh read: a copy read earlier may hold a pair that another
     task or instance has rotated since, and writing it back would restore a spent refresh token.
+    With `only_if`, the fresh record is changed only if it says so, and returned as read if not.
     """
     async with tokens.refresh_lock(member_id):
         record = await tokens.get(member_id, fresh=True)
         if record is None:
             return None
+        if only_if is not None and not only_if(record):
+            return record
         updated = record.model_copy(update=changes)
         await tokens.save(updated)
         return updated

@@ -340,31 +340,27 @@ class ProcessingService:
         """The authenticated call's fresh pair replaces a stored pair that no longer works."""
         if not auth.access_token or not auth.refresh_token:
             return record
-        # The copy that said "does not work" may be up to CHECK_SECONDS behind another process that
-        # has healed or refreshed the pair since; writing this call's pair over that one could
-        # bring back a refresh token the other process has already spent.
-        current = await self._tokens.get(record.member_id, fresh=True)
-        if current is not None and current.works:
-            return current
-        record = current or record
         register_secret(auth.access_token, auth.refresh_token)
         now = time.time()
-        healed = record.model_copy(
-            update={
-                "access_token": auth.access_token,
-                "refresh_token": auth.refresh_token,
-                "expires_at": expiry(auth.expires, auth.expires_in),
-                "refresh_issued_at": now,
-                "updated_at": now,
-                "disconnected_reason": None,
-            }
-        )
+        changes = {
+            "access_token": auth.access_token,
+            "refresh_token": auth.refresh_token,
+            "expires_at": expiry(auth.expires, auth.expires_in),
+            "refresh_issued_at": now,
+            "updated_at": now,
+            "disconnected_reason": None,
+        }
         try:
-            await self._tokens.save(healed)
+            # Through `amend`: the copy that said "does not work" may be behind another process
+            # that has healed or refreshed the pair since (CHECK_SECONDS); a pair that works is
+            # kept, or this call's pair could bring back a refresh token already spent.
+            healed = await amend(self._tokens, record.member_id, changes, only_if=_not_working)
         except TokenStoreError as exc:
             # The call itself is still accepted: the next one brings another pair.
             logger.error("%s The robot call's tokens could not reconnect the portal.", exc)
             return record
+        if healed is None or healed.refresh_token != auth.refresh_token:
+            return healed or record  # uninstalled meanwhile, or healed by another process
         logger.info("Portal %s reconnected with the tokens of an authentic robot call", record.domain)
         return healed
 
@@ -509,6 +505,10 @@ class ProcessingService:
         missing = self._settings.missing()
         if missing:
             raise NotConfigured(f"Set {', '.join(missing)} (in .env or the environment) and restart the app.")
+
+
+def _not_working(record: PortalTokens) -> bool:
+    return not record.works
 
 
 def _not_in_time(domain: str, seconds: float) -> AppError:
