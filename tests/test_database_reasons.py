@@ -47,6 +47,15 @@ def _logged(caplog: pytest.LogCaptureFixture) -> str:
     return "\n".join(formatter.format(record) for record in caplog.records)
 
 
+def _assert_bounded_and_logged(reason: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Short, nothing private in the reason; the driver's own words in the log, still no password."""
+    assert len(reason) <= 200
+    assert not [part for part in PRIVATE if part in reason]
+    logged = _logged(caplog)
+    assert "password authentication failed" in logged
+    assert PASSWORD not in logged
+
+
 async def test_the_journal_reason_is_bounded_and_the_detail_logged(caplog: pytest.LogCaptureFixture) -> None:
     journal = PostgresJobJournal(cast(Any, FailingPool()))
 
@@ -55,11 +64,7 @@ async def test_the_journal_reason_is_bounded_and_the_detail_logged(caplog: pytes
 
     assert reason is not None
     assert reason.startswith("The PostgreSQL job journal cannot be used: ")
-    assert len(reason) <= 200
-    assert not [part for part in PRIVATE if part in reason]
-    logged = _logged(caplog)
-    assert "password authentication failed" in logged
-    assert PASSWORD not in logged
+    _assert_bounded_and_logged(reason, caplog)
 
 
 async def test_the_token_store_error_is_bounded_and_the_detail_logged(
@@ -72,8 +77,4 @@ async def test_the_token_store_error_is_bounded_and_the_detail_logged(
 
     reason = str(raised.value)
     assert reason.startswith("The token store (PostgreSQL) failed to read: ")
-    assert len(reason) <= 200
-    assert not [part for part in PRIVATE if part in reason]
-    logged = _logged(caplog)
-    assert "password authentication failed" in logged
-    assert PASSWORD not in logged
+    _assert_bounded_and_logged(reason, caplog)

@@ -42,17 +42,22 @@ async def _portal_status(client: httpx.AsyncClient) -> dict[str, Any]:
     return health
 
 
-async def test_dead_refresh_token_is_healed_by_the_next_authentic_robot_call_only(
-    installed: httpx.AsyncClient, portal: FakePortal, settings: Settings
-) -> None:
+async def _disconnect(installed: httpx.AsyncClient, portal: FakePortal, settings: Settings) -> dict[str, Any]:
+    """Let the stored refresh token die, then send a robot call: its refresh is refused for good."""
     dead = _stored(settings, portal)["refresh_token"]
     await eventually(lambda: not portal.refresh_token_alive(dead), what="the refresh token to expire")
     portal.expire_access_tokens()
-
-    # The first call finds the stored pair dead: the refresh is refused for good.
     token, body = portal.robot_call_body(GOOD)
     await post_form(installed, "/robot", body)
-    assert int((await answer_for(portal, token))["return_values"]["contact_id"]) == 0
+    return await answer_for(portal, token)
+
+
+async def test_dead_refresh_token_is_healed_by_the_next_authentic_robot_call_only(
+    installed: httpx.AsyncClient, portal: FakePortal, settings: Settings
+) -> None:
+    # The first call finds the stored pair dead: the refresh is refused for good.
+    answer = await _disconnect(installed, portal, settings)
+    assert int(answer["return_values"]["contact_id"]) == 0
     health = await _portal_status(installed)
     assert health["portal_connected"] is False
     assert "invalid_grant" in _stored(settings, portal)["disconnected_reason"]
@@ -154,12 +159,7 @@ async def test_a_pair_another_process_just_healed_is_not_replaced(
 ) -> None:
     # This process still holds the record that says "disconnected" (read within CHECK_SECONDS)
     # when another process heals the portal with the pair of its own robot call.
-    dead = _stored(settings, portal)["refresh_token"]
-    await eventually(lambda: not portal.refresh_token_alive(dead), what="the refresh token to expire")
-    portal.expire_access_tokens()
-    token, body = portal.robot_call_body(GOOD)
-    await post_form(installed, "/robot", body)
-    await answer_for(portal, token)
+    await _disconnect(installed, portal, settings)
     assert (await _portal_status(installed))["portal_connected"] is False
 
     _, other = portal.robot_call_body(GOOD)
