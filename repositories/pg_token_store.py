@@ -243,7 +243,7 @@ class PostgresTokenStore:
 def _store_error(action: str, exc: Error) -> TokenStoreError:
     """The error /health, the status page and 503 replies show; the driver's text only in the log."""
     logger.warning("The token store (PostgreSQL) failed to %s: %s", action, exc)
-    return TokenStoreError(f"The token store (PostgreSQL) failed to {action}: {failure(exc)}.")
+    return TokenStoreError(f"The token store (PostgreSQL, DATABASE_URL) failed to {action}: {failure(exc)}.")
 
 
 async def _fetchall(conn: AsyncConnection[Any], sql: str, params: tuple[Any, ...]) -> Rows:

@@ -83,7 +83,7 @@ def failure(exc: BaseException) -> str:
     """
     sqlstate = getattr(exc, "sqlstate", None) or ""
     if isinstance(exc, PoolTimeout):
-        return "no connection to the database in time; is PostgreSQL running and reachable?"
+        return "no connection to the database in time (is PostgreSQL running and reachable?)"
     if isinstance(exc, errors.ReadOnlySqlTransaction):
         return "the database is read-only (a standby, or default_transaction_read_only is on)"
     if sqlstate.startswith("53"):  # disk full, out of memory, too many connections
