@@ -1,5 +1,5 @@
 """Group commit of robot calls, for both journals: the calls that arrive while one group is being
-stored go in the next group, one statement and one commit for all of them.
+stored go in the next group, one commit (one fsync) for all of them.
 
 The back end supplies `insert(jobs)`: it stores the jobs not yet known and returns every job's id
 by event token, and the tokens this group stored. A token twice in one group is created once; the

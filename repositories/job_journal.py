@@ -9,8 +9,10 @@ The worker claims jobs with a lease (claiming again renews it); a new leader rec
 lease at once, since their holder is gone.
 """
 
+import itertools
 import json
-import random
+import os
+import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -322,30 +324,71 @@ def _add_column(db: sqlite3.Connection, definition: str) -> None:
             raise
 
 
+_Rows = list[tuple[Any, ...]]  # the values of jobs, as `_row` gives them
+
+
 def _inserter(jobs: list[NewJob]) -> Callable[[sqlite3.Connection], Stored]:
-    """Insert the group (known tokens skipped): every job's id, and the tokens it stored."""
+    """Insert the group (known tokens skipped): every job's id, and the tokens it stored.
+
+    The rows this group stored are those with its mark; a token stored before, by anyone, keeps
+    the mark of the insert that stored it. A group that fits one INSERT (up to 64 calls: 32
+    connections' worth) is that INSERT, a transaction of its own (the connection autocommits: one
+    commit, one fsync), and one lookup. No BEGIN, COMMIT or max(id) around them: every statement
+    lets go of the GIL and waits to win it back from the busy event loop, and that wait, more than
+    SQLite, was the journal's cost (the ack benchmark's method, this and the previous version in
+    one run, 8 rounds, three times: 0.66 -> 0.73, 0.65 -> 0.77, 0.67 -> 0.74 of bare FastAPI). A
+    larger group is one transaction: one fsync, and all of it or none.
+    """
     rows = [_row(job) for job in jobs]
 
     def insert_all(conn: sqlite3.Connection) -> Stored:
-        # A mark, not a secret: a pseudo-random one spares the system call `secrets` would make.
-        now, mark = time.time(), random.randrange(1, 2**63)  # noqa: S311
-        # Each INSERT is a transaction of its own (the connection autocommits): one commit, so one
-        # fsync, for up to `_ROWS_PER_INSERT` calls. No BEGIN, COMMIT or max(id) around it: every
-        # statement lets go of the GIL and waits to win it back from the busy event loop, and that
-        # wait, more than SQLite, was the journal's cost (the ack benchmark's method, this and the
-        # previous version in one run, 8 rounds twice: 0.66 -> 0.73 and 0.65 -> 0.77 of bare
-        # FastAPI). The rows this group stored are those with its mark; a token stored before, by
-        # anyone, keeps the mark of the insert that stored it. If a later chunk of a large group
-        # fails, its calls get 503 though earlier chunks are stored: their redelivery is answered
-        # as a duplicate, nothing acknowledged is lost.
-        for start in range(0, len(rows), _ROWS_PER_INSERT):
-            chunk = rows[start : start + _ROWS_PER_INSERT]
-            conn.execute(_insert_sql(len(chunk)), [now, mark, *(value for row in chunk for value in row)])
-        tokens = json.dumps([row[0] for row in rows])
-        found = json.loads(conn.execute(_IDS, (tokens, mark)).fetchone()[0])
-        return {token: job_id for token, job_id, _ in found}, {token for token, _, ours in found if ours}
+        now, mark = time.time(), next(_marks)
+        if len(rows) > _ROWS_PER_INSERT:
+            return transaction(conn, lambda conn: _insert_and_look_up(conn, rows, now, mark))
+        _insert(conn, rows, now, mark)
+        try:
+            return _look_up(conn, rows, mark)
+        except BaseException:
+            # Stored, but the ids cannot be read: the calls get 503, so take the rows back, or the
+            # worker would carry out calls the portal was told were refused. (Another process's
+            # worker could claim them in this instant; this process's waits for the lock we hold.)
+            conn.execute("DELETE FROM jobs WHERE batch = ?", (mark,))
+            raise
 
     return insert_all
+
+
+def _insert(conn: sqlite3.Connection, rows: _Rows, now: float, mark: int) -> None:
+    for start in range(0, len(rows), _ROWS_PER_INSERT):
+        chunk = rows[start : start + _ROWS_PER_INSERT]
+        conn.execute(_insert_sql(len(chunk)), [now, mark, *(value for row in chunk for value in row)])
+
+
+def _look_up(conn: sqlite3.Connection, rows: _Rows, mark: int) -> Stored:
+    found = json.loads(conn.execute(_IDS, (json.dumps([row[0] for row in rows]), mark)).fetchone()[0])
+    return {token: job_id for token, job_id, _ in found}, {token for token, _, ours in found if ours}
+
+
+def _insert_and_look_up(conn: sqlite3.Connection, rows: _Rows, now: float, mark: int) -> Stored:
+    _insert(conn, rows, now, mark)
+    return _look_up(conn, rows, mark)
+
+
+def _first_mark() -> int:
+    # From the OS, once a process: `random`'s global state would repeat marks after anyone's
+    # `random.seed(x)`, and a repeated mark makes a redelivery look created.
+    return secrets.randbits(62) + 1
+
+
+_marks = itertools.count(_first_mark())
+
+
+def _new_marks_after_fork() -> None:
+    global _marks
+    _marks = itertools.count(_first_mark())
+
+
+os.register_at_fork(after_in_child=_new_marks_after_fork)
 
 
 def _row(job: NewJob) -> tuple[Any, ...]:
