@@ -10,6 +10,8 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+from repositories.storage_error import StorageError
+
 if TYPE_CHECKING:
     from repositories.job_journal import NewJob
 
@@ -56,8 +58,12 @@ class GroupedAdds:
             seen: set[str] = set()
             for job, done in group:
                 token = job.event_token
-                if not done.done():  # a caller that went away still has its job stored
+                if done.done():  # a caller that went away still has its job stored
+                    pass
+                elif token in ids:
                     done.set_result((ids[token], token in created and token not in seen))
+                else:  # cannot happen with either journal; if it did, no other call may wait for it
+                    done.set_exception(StorageError("The job journal did not confirm this call."))
                 seen.add(token)
 
     async def close(self) -> None:

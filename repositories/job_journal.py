@@ -346,14 +346,11 @@ def _inserter(jobs: list[NewJob]) -> Callable[[sqlite3.Connection], Stored]:
         if len(rows) > _ROWS_PER_INSERT:
             return transaction(conn, lambda conn: _insert_and_look_up(conn, rows, now, mark))
         _insert(conn, rows, now, mark)
-        try:
-            return _look_up(conn, rows, mark)
-        except BaseException:
-            # Stored, but the ids cannot be read: the calls get 503, so take the rows back, or the
-            # worker would carry out calls the portal was told were refused. (Another process's
-            # worker could claim them in this instant; this process's waits for the lock we hold.)
-            conn.execute("DELETE FROM jobs WHERE batch = ?", (mark,))
-            raise
+        # Should the storage fail in the instant between these two statements, the calls are
+        # stored but answered 503, as after a crash between a commit and its reply: the worker
+        # carries them out and a redelivery is answered as a duplicate. Taking the rows back
+        # would be worse: another worker process may have answered a redelivery of one already.
+        return _look_up(conn, rows, mark)
 
     return insert_all
 

@@ -1,6 +1,7 @@
 """The journal's own guarantees: FULL commits, group commit, one owner per file, reclaiming."""
 
 import asyncio
+import os
 import random
 import sqlite3
 import time
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from repositories import job_journal
+from repositories.grouped_adds import GroupedAdds
 from repositories.job_journal import NewJob, SqliteJobJournal
 from repositories.oauth_state_store import SqliteOAuthStateStore
 from repositories.sqlite_db import SqliteDatabase, open_database, transaction
@@ -97,9 +100,12 @@ async def test_a_group_refused_on_its_second_statement_stores_none_of_its_calls(
     assert await journal.claim(100, 60) == []
 
 
-async def test_a_group_whose_ids_cannot_be_read_is_taken_back(database: SqliteDatabase) -> None:
-    # The INSERT committed, then the lookup failed (an I/O error on read, no memory): the calls
-    # get 503, so they must not stay stored, or the worker would carry out refused calls.
+async def test_a_group_whose_ids_cannot_be_read_stays_stored_and_is_answered_once(
+    database: SqliteDatabase,
+) -> None:
+    # The INSERT committed, then the lookup failed (an I/O error on read, no memory): the calls get
+    # 503 but stay stored, as after a crash between a commit and its reply. Taking them back would
+    # be worse: another worker process may already have answered a redelivery of one of them.
     journal = SqliteJobJournal(database)
 
     def deny_lookup(action: int, arg1: str | None, arg2: str | None, *_: str | None) -> int:
@@ -111,8 +117,25 @@ async def test_a_group_whose_ids_cannot_be_read_is_taken_back(database: SqliteDa
     database.run_now(lambda conn: conn.set_authorizer(None))
 
     assert all(isinstance(result, StorageError) for result in results)
-    assert _stored(database) == 0
-    assert [created for _, created in await asyncio.gather(journal.add(new_job(1)))] == [True]
+    assert _stored(database) == 3
+    assert (await journal.add(new_job(1)))[1] is False  # a redelivery is answered as a duplicate
+
+
+async def test_a_call_missing_from_the_lookup_is_refused_and_no_other_call_waits() -> None:
+    # Found in review: a token missing from the insert's answer raised KeyError inside the group's
+    # task, and every later call of the group waited forever.
+    async def insert(jobs: list[NewJob]) -> tuple[dict[str, int], set[str]]:
+        ids = {job.event_token: number for number, job in enumerate(jobs, 1) if job.workflow_id != "wf1"}
+        return ids, set(ids)
+
+    adds = GroupedAdds(insert)
+    results = await asyncio.wait_for(
+        asyncio.gather(*(adds.add(new_job(i)) for i in range(3)), return_exceptions=True), timeout=5
+    )
+
+    assert isinstance(results[1], StorageError)
+    assert results[0] == (1, True)
+    assert results[2] == (3, True)
 
 
 async def test_a_redelivery_is_a_duplicate_whatever_seeds_random(database: SqliteDatabase) -> None:
@@ -123,6 +146,30 @@ async def test_a_redelivery_is_a_duplicate_whatever_seeds_random(database: Sqlit
     assert (await journal.add(new_job(1)))[1] is True
     random.seed(7)
     assert (await journal.add(new_job(1)))[1] is False
+
+
+def test_marks_start_anew_in_each_process_whatever_seeds_random() -> None:
+    # A process's first mark is drawn at its start (and after a fork): never from `random`.
+    random.seed(7)
+    job_journal._new_marks_after_fork()
+    first = next(job_journal._marks)
+    random.seed(7)
+    job_journal._new_marks_after_fork()
+    assert abs(next(job_journal._marks) - first) > 1_000_000
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX; CI runs on Linux")
+def test_a_forked_process_draws_its_own_marks() -> None:
+    before = next(job_journal._marks)
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports and exits at once
+        os.write(write, str(next(job_journal._marks)).encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(child, 0)
+    with os.fdopen(read) as pipe:
+        assert abs(int(pipe.read()) - before) > 1_000_000
 
 
 async def test_a_journal_of_an_older_version_gains_the_group_column(tmp_path: Path) -> None:
