@@ -59,6 +59,19 @@ def test_kill_9_with_pending_jobs_then_restart_answers_every_workflow_once(
     assert [s for s in secrets if s in logged] == []
 
 
+def _install_again(url: str, portal: FakePortal) -> None:
+    """As an administrator would: 429 `too_many_installs` means "install again in a moment".
+
+    While the workers use most of the portal's rate limit, an install's proof is refused rather
+    than queued (robot work comes first): it failed this test 2 runs in 5.
+    """
+    deadline = time.monotonic() + 20
+    while (reply := post(f"{url}/install", portal.install_event_body())).status_code == 429:
+        assert time.monotonic() < deadline, reply.text
+        time.sleep(0.5)
+    assert reply.status_code == 200, reply.text
+
+
 def test_several_worker_processes_answer_every_call_once(tmp_path: Path, portal: FakePortal) -> None:
     port = free_port()
     app = AppProcess(
@@ -72,7 +85,7 @@ def test_several_worker_processes_answer_every_call_once(tmp_path: Path, portal:
             assert post(f"{app.url}/robot", body).status_code == 200
             tokens.append(token)
             if i == 30:  # a second install while calls are being worked on must not lose a token
-                assert post(f"{app.url}/install", portal.install_event_body()).status_code == 200
+                _install_again(app.url, portal)
         portal.wait_for_answers(len(tokens), timeout=30)
     finally:
         app.stop()
