@@ -60,14 +60,19 @@ def test_kill_9_with_pending_jobs_then_restart_answers_every_workflow_once(
 
 
 def _install_again(url: str, portal: FakePortal) -> None:
-    """As an administrator would: 429 `too_many_installs` means "install again in a moment".
+    """As an administrator would, installing again in a moment while the portal is busy.
 
     While the workers use most of the portal's rate limit, an install's proof is refused rather
-    than queued (robot work comes first): it failed this test 2 runs in 5.
+    than queued (robot work comes first): 429 `too_many_installs` from this process's guard, or
+    502 naming QUERY_LIMIT_EXCEEDED when the three processes together overran the portal's
+    bucket. Each failed this test now and then (2 runs in 5, and once in CI).
     """
     deadline = time.monotonic() + 20
-    while (reply := post(f"{url}/install", portal.install_event_body())).status_code == 429:
-        assert time.monotonic() < deadline, reply.text
+    while True:
+        reply = post(f"{url}/install", portal.install_event_body())
+        busy = reply.status_code == 429 or "QUERY_LIMIT_EXCEEDED" in reply.text
+        if not busy or time.monotonic() > deadline:
+            break
         time.sleep(0.5)
     assert reply.status_code == 200, reply.text
 
