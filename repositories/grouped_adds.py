@@ -58,13 +58,14 @@ class GroupedAdds:
             seen: set[str] = set()
             for job, done in group:
                 token = job.event_token
+                first = token not in seen  # a token twice in one group is created once
+                seen.add(token)
                 if done.done():  # a caller that went away still has its job stored
-                    pass
-                elif token in ids:
-                    done.set_result((ids[token], token in created and token not in seen))
+                    continue
+                if token in ids:
+                    done.set_result((ids[token], first and token in created))
                 else:  # cannot happen with either journal; if it did, no other call may wait for it
                     done.set_exception(StorageError("The job journal did not confirm this call."))
-                seen.add(token)
 
     async def close(self) -> None:
         """Let the group on its way finish."""

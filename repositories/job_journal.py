@@ -343,14 +343,18 @@ def _inserter(jobs: list[NewJob]) -> Callable[[sqlite3.Connection], Stored]:
 
     def insert_all(conn: sqlite3.Connection) -> Stored:
         now, mark = time.time(), next(_marks)
+
+        def insert_and_look_up(conn: sqlite3.Connection) -> Stored:
+            _insert(conn, rows, now, mark)
+            return _look_up(conn, rows, mark)
+
         if len(rows) > _ROWS_PER_INSERT:
-            return transaction(conn, lambda conn: _insert_and_look_up(conn, rows, now, mark))
-        _insert(conn, rows, now, mark)
-        # Should the storage fail in the instant between these two statements, the calls are
+            return transaction(conn, insert_and_look_up)
+        # Should the storage fail in the instant between the two statements, the calls are
         # stored but answered 503, as after a crash between a commit and its reply: the worker
         # carries them out and a redelivery is answered as a duplicate. Taking the rows back
         # would be worse: another worker process may have answered a redelivery of one already.
-        return _look_up(conn, rows, mark)
+        return insert_and_look_up(conn)
 
     return insert_all
 
@@ -364,11 +368,6 @@ def _insert(conn: sqlite3.Connection, rows: _Rows, now: float, mark: int) -> Non
 def _look_up(conn: sqlite3.Connection, rows: _Rows, mark: int) -> Stored:
     found = json.loads(conn.execute(_IDS, (json.dumps([row[0] for row in rows]), mark)).fetchone()[0])
     return {token: job_id for token, job_id, _ in found}, {token for token, _, ours in found if ours}
-
-
-def _insert_and_look_up(conn: sqlite3.Connection, rows: _Rows, now: float, mark: int) -> Stored:
-    _insert(conn, rows, now, mark)
-    return _look_up(conn, rows, mark)
 
 
 def _first_mark() -> int:
